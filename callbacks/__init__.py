@@ -1,0 +1,7 @@
+"""Lightning callbacks: learning-rate schedule, routing heat map, trimmed-model export."""
+
+from callbacks.lr_schedule import CosineWarmRestarts
+from callbacks.pruning_export import PruningExport
+from callbacks.routing_map import RoutingHeatmap
+
+__all__ = ["CosineWarmRestarts", "PruningExport", "RoutingHeatmap"]

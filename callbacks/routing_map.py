@@ -1,0 +1,46 @@
+"""A task-by-level heat map of the chosen sub-pathways, saved as PNG at each validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+
+
+def plot_routes(routes: dict[str, tuple[int, ...]], num_paths: int, path: Path) -> Path:
+    """Write a heat map: one row per prompt, one column per level, cell = chosen sub-pathway."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = sorted(routes)
+    table = np.array([routes[p] for p in prompts])
+    figure, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 3, 0.35 * len(prompts) + 1.2))
+    ax.imshow(table, cmap="tab10", vmin=0, vmax=max(num_paths - 1, 1), aspect="auto")
+    for (row, column), value in np.ndenumerate(table):
+        ax.text(column, row, str(value), ha="center", va="center", fontsize=8)
+    ax.set_yticks(range(len(prompts)), prompts)
+    ax.set_xticks(range(table.shape[1]), [f"level {i + 1}" for i in range(table.shape[1])])
+    ax.set_title("sub-pathway chosen per level")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+class RoutingHeatmap(L.Callback):
+    """After each validation, plot ``module.task_routes`` into the run folder and log it to W&B."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not module.task_routes or not trainer.is_global_zero:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+        path = plot_routes(
+            module.task_routes, module.hparams.num_paths, folder / f"epoch{trainer.current_epoch:04d}.png"
+        )
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="routing", images=[str(path)], step=trainer.global_step)

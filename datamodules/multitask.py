@@ -1,0 +1,362 @@
+"""The multi-task DataModule: (patch, prompts, masks) samples from partially labelled data sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.preprocessing import Preprocessing
+from datamodules.registry import Case, DatasetEntry, Task, load_registry
+from datamodules.volumes import BadCaseError, PreparedVolume, VolumeCache, read_case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Paper augmentation: rotation, scaling, flipping, shifting, noise (TorchIO), on windowed patches.
+
+    Flipping defaults to the anterior-posterior and superior-inferior axes: a left-right flip would
+    turn a "left kidney" into a right one.
+    """
+
+    probability: float = 0.8
+    degrees: float = 10.0
+    scale: float = 0.1
+    shift_mm: float = 5.0
+    flip_axes: tuple[int, ...] = (1, 2)
+    flip_probability: float = 0.5
+    noise_std: float = 0.02
+
+    def transform(self) -> tio.Transform:
+        return tio.Compose(
+            [
+                tio.RandomAffine(
+                    scales=self.scale, degrees=self.degrees, translation=self.shift_mm, p=self.probability
+                ),
+                tio.RandomFlip(axes=self.flip_axes, flip_probability=self.flip_probability),
+                tio.RandomNoise(std=(0.0, self.noise_std), p=self.probability),
+            ]
+        )
+
+
+def task_probabilities(sizes: list[int], size_exponent: float) -> np.ndarray:
+    """Task sampling weights proportional to ``size ** size_exponent`` (0: uniform, 1: by size)."""
+    weights = np.asarray(sizes, dtype=float) ** size_exponent
+    return weights / weights.sum()
+
+
+def crop_patch(
+    volume: PreparedVolume, target: torch.Tensor, patch_size: int, foreground: bool, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cube of ``patch_size`` (zero-padded where the volume is smaller), centred on a target voxel
+    when ``foreground`` and the target is not empty, else anywhere."""
+    image, labels = volume.image, volume.labels
+    pads = [max(patch_size - s, 0) for s in labels.shape]
+    if any(pads):
+        padding = [p for pad in reversed(pads) for p in (pad // 2, pad - pad // 2)]
+        image = torch.nn.functional.pad(image, padding)
+        labels = torch.nn.functional.pad(labels, padding)
+        target = torch.nn.functional.pad(target, padding)
+    shape = np.array(labels.shape)
+    voxels = target.nonzero() if foreground else None
+    if voxels is not None and len(voxels):
+        centre = voxels[rng.integers(len(voxels))].numpy()
+        start = np.clip(centre - patch_size // 2, 0, shape - patch_size)
+    else:
+        start = np.array([rng.integers(0, s - patch_size + 1) for s in shape])
+    box = tuple(slice(int(a), int(a) + patch_size) for a in start)
+    return image[(slice(None), *box)], labels[box]
+
+
+class TrainingPatches(Dataset):
+    """``samples_per_epoch`` random samples; sample ``i`` of epoch ``e`` depends only on (seed, e, i).
+
+    Each sample draws a task (balanced across tasks), a case of that task's data set, a spacing by
+    the paper's rule, and a patch (foreground-oversampled for that task), and supervises up to
+    ``prompts_per_image`` tasks of the same data set on it: they share one encoder pass.
+    """
+
+    def __init__(self, module: MultiTaskDataModule, cases: dict[str, list[Case]]) -> None:
+        self.module = module
+        self.cases = cases
+        self.tasks = [t for t in module.tasks if cases.get(t.dataset)]
+        sizes = [len(cases[t.dataset]) for t in self.tasks]
+        self.probabilities = task_probabilities(sizes, module.size_exponent)
+        self.epoch = 0
+        self.augment = module.augmentation.transform() if module.augment else None
+
+    def __len__(self) -> int:
+        return self.module.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict:
+        m = self.module
+        rng = np.random.default_rng([m.seed, self.epoch, index])
+        task = self.tasks[rng.choice(len(self.tasks), p=self.probabilities)]
+        case = self.cases[task.dataset][rng.integers(len(self.cases[task.dataset]))]
+        spacing = m.preprocessing.sample_spacing(m.case_spacing(case), rng)
+        volume = m.volume(case, spacing)
+        target = torch.isin(volume.labels, torch.tensor(task.label_values))
+        foreground = rng.random() < m.foreground_fraction
+        image, labels = crop_patch(volume, target, m.patch_size, foreground, rng)
+        if self.augment is not None:
+            image, labels = self._augment(image, labels, int(rng.integers(2**31)))
+        others = [t for t in m.tasks_of(task.dataset) if t != task]
+        chosen = [task, *(others[i] for i in rng.permutation(len(others))[: m.prompts_per_image - 1])]
+        masks = torch.stack([torch.isin(labels, torch.tensor(t.label_values)) for t in chosen]).float()
+        return {
+            "image": image.float(),
+            "masks": masks,
+            "prompts": [t.prompt for t in chosen],
+            "tubular": torch.tensor([t.tubular for t in chosen]),
+        }
+
+    def _augment(self, image: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()), label=tio.LabelMap(tensor=labels[None]))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            augmented = self.augment(subject)
+        return augmented["image"].data, augmented["label"].data[0]
+
+
+class ValidationVolumes(Dataset):
+    """Whole preprocessed validation volumes at their closest spacing, with every task's mask."""
+
+    def __init__(self, module: MultiTaskDataModule, cases: list[Case]) -> None:
+        self.module = module
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        m = self.module
+        volume = m.volume(case, m.preprocessing.closest_spacing(m.case_spacing(case)))
+        tasks = m.tasks_of(case.dataset)
+        masks = torch.stack([torch.isin(volume.labels, torch.tensor(t.label_values)) for t in tasks]).float()
+        return {
+            "image": volume.image.float()[None],
+            "masks": masks[:, None],
+            "prompts": [t.prompt for t in tasks],
+            "tubular": torch.tensor([t.tubular for t in tasks]),
+            "case": f"{case.dataset}/{case.case_id}",
+        }
+
+
+def collate_pairs(samples: list[dict]) -> dict:
+    """Stack images (B, 1, ...) and flatten (image, prompt) pairs: masks (N, 1, ...), image_index (N,)."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "masks": torch.cat([s["masks"] for s in samples])[:, None],
+        "prompts": [p for s in samples for p in s["prompts"]],
+        "tubular": torch.cat([s["tubular"] for s in samples]),
+        "image_index": torch.cat([torch.full((len(s["prompts"]),), i) for i, s in enumerate(samples)]),
+    }
+
+
+def first_sample(samples: list[dict]) -> dict:
+    return samples[0]
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Multi-task CT data for prompt-based segmentation (paper sec. 3.1-3.2).
+
+    Args:
+        registry: YAML listing the data sets, formats and prompts (see ``datamodules/registry.py``).
+        cache_dir: on-disk cache of preprocessed volumes.
+        spacing_candidates: isotropic spacings (mm) a sample is resampled to (paper: 0.6, 1.0, 1.5).
+        random_spacing_probability: chance of a random candidate instead of the closest (paper: 0.1).
+        window_level: HU window centre (paper: 0).
+        window_width: HU window width (paper: 1800).
+        patch_size: edge of the cubic training patch in voxels.
+        batch_size: images per batch (each with up to ``prompts_per_image`` prompts).
+        prompts_per_image: tasks of the same data set supervised on one patch.
+        samples_per_epoch: training samples drawn per epoch.
+        foreground_fraction: share of patches centred on the sampled task's structure.
+        size_exponent: task sampling weight ``cases ** size_exponent`` (0 uniform, 1 proportional).
+        validation_fraction: share of each data set's cases held out (at least one).
+        split_file: JSON ``{dataset: {"train": [...], "val": [...]}}`` overriding the seeded split.
+        augment: apply the paper's augmentation to training patches.
+        augmentation: its parameters.
+        skip_bad_cases: drop unreadable or inconsistent cases with a summary instead of failing.
+        tubular: prompts that get the clDice term and metric unless the registry says otherwise.
+        only_datasets: if given, use only these data sets of the registry.
+        shots: if given, train on only this many cases per data set (few-shot); the rest validate.
+        num_workers: loader worker processes.
+        seed: seed of the split and of every sample.
+    """
+
+    def __init__(
+        self,
+        registry: str = "configs/data/phantoms.yaml",
+        cache_dir: str = "data/cache",
+        spacing_candidates: tuple[float, ...] = (0.6, 1.0, 1.5),
+        random_spacing_probability: float = 0.1,
+        window_level: float = 0.0,
+        window_width: float = 1800.0,
+        patch_size: int = 96,
+        batch_size: int = 2,
+        prompts_per_image: int = 4,
+        samples_per_epoch: int = 250,
+        foreground_fraction: float = 0.67,
+        size_exponent: float = 0.5,
+        validation_fraction: float = 0.2,
+        split_file: str | None = None,
+        augment: bool = True,
+        augmentation: Augmentation = Augmentation(),
+        skip_bad_cases: bool = False,
+        tubular: tuple[str, ...] = (
+            "aorta",
+            "pulmonary artery",
+            "airway",
+            "superior mesenteric artery",
+            "renal artery",
+        ),
+        only_datasets: tuple[str, ...] | None = None,
+        shots: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if patch_size < 16 or batch_size < 1 or prompts_per_image < 1 or samples_per_epoch < 1:
+            raise ValueError("patch_size >= 16, batch_size, prompts_per_image and samples_per_epoch >= 1 required")
+        if shots is not None and shots < 1:
+            raise ValueError(f"data.shots must be at least 1, got {shots}")
+        self.registry = registry
+        self.preprocessing = Preprocessing(spacing_candidates, random_spacing_probability, window_level, window_width)
+        self.cache = VolumeCache(cache_dir, self.preprocessing)
+        self.patch_size = patch_size
+        self.batch_size = batch_size
+        self.prompts_per_image = prompts_per_image
+        self.samples_per_epoch = samples_per_epoch
+        self.foreground_fraction = foreground_fraction
+        self.size_exponent = size_exponent
+        self.validation_fraction = validation_fraction
+        self.split_file = split_file
+        self.augment = augment
+        self.augmentation = augmentation
+        self.skip_bad_cases = skip_bad_cases
+        self.tubular = tuple(tubular)
+        self.only_datasets = only_datasets
+        self.shots = shots
+        self.num_workers = num_workers
+        self.seed = seed
+        self.entries: list[DatasetEntry] = []
+        self.train_cases: dict[str, list[Case]] = {}
+        self.val_cases: list[Case] = []
+        self._spacings: dict[Case, tuple[float, ...]] = {}
+        self.train_set: TrainingPatches | None = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def tasks(self) -> list[Task]:
+        return [t for e in self.entries for t in e.tasks]
+
+    def tasks_of(self, dataset: str) -> list[Task]:
+        return next(e.tasks for e in self.entries if e.name == dataset)
+
+    def _labels_of(self, dataset: str) -> set[int]:
+        return set(next(e.labels for e in self.entries if e.name == dataset).values())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.entries:
+            return
+        entries = load_registry(self.registry, self.tubular)
+        if self.only_datasets:
+            entries = [e for e in entries if e.name in self.only_datasets]
+        if not entries:
+            raise ValueError(f"data registry {self.registry}: no data sets selected")
+        self.entries = entries
+        self._validate_cases()
+        self._split()
+
+    def _validate_cases(self) -> None:
+        """Read every case once (filling the cache at its closest spacing); report each bad file."""
+        faults: list[str] = []
+        for entry in self.entries:
+            good = []
+            for case in entry.cases:
+                try:
+                    self._spacings[case] = self._read_spacing(case, set(entry.labels.values()))
+                    good.append(case)
+                except BadCaseError as error:
+                    faults.append(str(error))
+            entry.cases = good
+        if faults and not self.skip_bad_cases:
+            raise BadCaseError(f"{len(faults)} bad case(s):\n" + "\n".join(faults))
+        if faults:
+            log.warning("skipped %d bad case(s):\n%s", len(faults), "\n".join(faults))
+
+    def _read_spacing(self, case: Case, known_values: set[int]) -> tuple[float, ...]:
+        subject = read_case(case, known_values)
+        spacing = tuple(float(s) for s in subject["image"].spacing)
+        self.cache.load(case, self.preprocessing.closest_spacing(spacing), known_values)
+        return spacing
+
+    def case_spacing(self, case: Case) -> tuple[float, ...]:
+        return self._spacings[case]
+
+    def volume(self, case: Case, spacing: float) -> PreparedVolume:
+        return self.cache.load(case, spacing, self._labels_of(case.dataset))
+
+    def _split(self) -> None:
+        fixed = _read_split(self.split_file) if self.split_file else {}
+        for i, entry in enumerate(self.entries):
+            cases = entry.cases
+            if entry.name in fixed:
+                train = [c for c in cases if c.case_id in fixed[entry.name]["train"]]
+                val = [c for c in cases if c.case_id in fixed[entry.name]["val"]]
+            else:
+                order = np.random.default_rng([self.seed, i]).permutation(len(cases))
+                if self.shots is not None:
+                    if self.shots >= len(cases):
+                        raise ValueError(
+                            f"data.shots={self.shots} leaves no validation case in {entry.name} ({len(cases)} cases)"
+                        )
+                    n_val = len(cases) - self.shots
+                else:
+                    n_val = max(1, round(self.validation_fraction * len(cases))) if len(cases) > 1 else 0
+                val = [cases[j] for j in order[:n_val]]
+                train = [cases[j] for j in order[n_val:]]
+            self.train_cases[entry.name] = train
+            self.val_cases += val
+
+    # ------------------------------------------------------------------ loaders
+    def set_epoch(self, epoch: int) -> None:
+        if self.train_set is not None:
+            self.train_set.epoch = epoch
+
+    def train_dataloader(self) -> DataLoader:
+        self.train_set = TrainingPatches(self, self.train_cases)
+        if self.trainer is not None:
+            self.train_set.epoch = self.trainer.current_epoch
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            ValidationVolumes(self, self.val_cases), batch_size=1, num_workers=self.num_workers, collate_fn=first_sample
+        )
+
+
+def _read_split(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    return json.loads(file.read_text())

@@ -1,0 +1,71 @@
+"""The one preprocessing path: reorientation, the paper's spacing rule, the HU window, and its inverse.
+
+Training, validation, ``segment.py`` and evaluation all call :class:`Preprocessing` with the
+parameters stored in the checkpoint, so a model never meets an input prepared differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchio as tio
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Paper (sec. 3.2): spacings 0.6, 1.0, 1.5 mm; 90 % closest, 10 % random; window 1800 / 0.
+
+    The image's own spacing is the geometric mean of its three voxel sides; the closest candidate
+    is the nearest in log scale.
+
+    Args:
+        spacing_candidates: isotropic target spacings in mm.
+        random_spacing_probability: chance of a uniformly random candidate instead of the closest.
+        window_level: HU at the window's centre.
+        window_width: HU covered by the window; values outside are clipped, the rest scaled to [0, 1].
+    """
+
+    spacing_candidates: tuple[float, ...] = (0.6, 1.0, 1.5)
+    random_spacing_probability: float = 0.1
+    window_level: float = 0.0
+    window_width: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if not self.spacing_candidates or min(self.spacing_candidates) <= 0:
+            raise ValueError(f"spacing_candidates must be positive, got {self.spacing_candidates}")
+        if not 0.0 <= self.random_spacing_probability <= 1.0:
+            raise ValueError("random_spacing_probability must lie in [0, 1]")
+        if self.window_width <= 0:
+            raise ValueError(f"window_width must be positive, got {self.window_width}")
+        object.__setattr__(self, "spacing_candidates", tuple(float(s) for s in self.spacing_candidates))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def closest_spacing(self, image_spacing: tuple[float, ...]) -> float:
+        own = float(np.exp(np.mean(np.log(image_spacing))))
+        return min(self.spacing_candidates, key=lambda c: abs(np.log(c / own)))
+
+    def sample_spacing(self, image_spacing: tuple[float, ...], rng: np.random.Generator) -> float:
+        if rng.random() < self.random_spacing_probability:
+            return float(rng.choice(self.spacing_candidates))
+        return self.closest_spacing(image_spacing)
+
+    def window(self, hu: torch.Tensor) -> torch.Tensor:
+        low = self.window_level - self.window_width / 2
+        return ((hu.float() - low) / self.window_width).clamp_(0.0, 1.0)
+
+    def prepare(self, subject: tio.Subject, spacing: float) -> tio.Subject:
+        """Reorient to RAS, resample to ``spacing`` (image trilinear, labels nearest), window."""
+        prepared = tio.Compose([tio.ToCanonical(), tio.Resample(spacing)])(subject)
+        for image in prepared.get_images(intensity_only=True):
+            image.set_data(self.window(image.data))
+        return prepared
+
+    @staticmethod
+    def restore(prediction: torch.Tensor, prepared_affine: np.ndarray, original: tio.Image) -> torch.Tensor:
+        """Resample a prepared-grid map (C, D, H, W) back onto the original image's grid (linear)."""
+        image = tio.ScalarImage(tensor=prediction.float(), affine=prepared_affine)
+        return tio.Resample(original, image_interpolation="linear")(image).data

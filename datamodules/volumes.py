@@ -1,0 +1,159 @@
+"""Reading cases into TorchIO subjects, checking them, and caching their preprocessed volumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torchio as tio
+
+from datamodules.preprocessing import Preprocessing
+from datamodules.registry import Case
+
+
+class BadCaseError(ValueError):
+    """A case that cannot be used, with the file and the fault in its message."""
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(str(path))
+        if not files:
+            raise BadCaseError(f"{path}: folder holds no DICOM series")
+        reader.SetFileNames(files)
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def _all_finite(path: Path, image: sitk.Image) -> bool:
+    """ITK's NIfTI reader turns NaN into 0, so NIfTI files are checked through nibabel."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        return bool(np.isfinite(np.asanyarray(nib.load(path).dataobj)).all())
+    return bool(np.isfinite(sitk.GetArrayViewFromImage(image)).all())
+
+
+def read_image(path: Path) -> tio.ScalarImage:
+    """A CT image from .nii/.nii.gz/.nrrd/.mha or a DICOM series folder, checked: one 3D volume of
+    finite values. Read through SimpleITK (TorchIO would silently turn NaN into 0)."""
+    if not path.exists():
+        raise BadCaseError(f"{path}: file does not exist")
+    try:
+        image = _read_sitk(path)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise BadCaseError(f"{path}: cannot be read ({reason})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise BadCaseError(
+            f"{path}: expected a 3D image, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    if min(image.GetSize()) < 2:
+        raise BadCaseError(f"{path}: expected a 3D image, got shape {image.GetSize()}")
+    if not _all_finite(path, image):
+        raise BadCaseError(f"{path}: contains NaN or infinite voxels")
+    tensor, affine = tio.io.sitk_to_nib(image)
+    return tio.ScalarImage(tensor=torch.as_tensor(tensor), affine=affine)
+
+
+def read_labels(case: Case, known_values: set[int], reference: tio.ScalarImage) -> tio.LabelMap:
+    """The case's label map (TotalSegmentator files are merged), checked against the image."""
+    if case.label_map is not None:
+        labels = _read_label_file(case.label_map)
+        _check_geometry(case.label_map, labels, reference)
+        values = set(torch.unique(labels.data).tolist())
+        if not values <= known_values:
+            raise BadCaseError(
+                f"{case.label_map}: label values {sorted(values - known_values)} are not in the label map"
+            )
+        return labels
+    merged = torch.zeros_like(reference.data, dtype=torch.uint8)
+    for value, (_, path) in enumerate(case.structure_files, start=1):
+        mask = _read_label_file(path)
+        _check_geometry(path, mask, reference)
+        merged[mask.data > 0] = value
+    return tio.LabelMap(tensor=merged, affine=reference.affine)
+
+
+def _read_label_file(path: Path) -> tio.LabelMap:
+    if not path.exists():
+        raise BadCaseError(f"{path}: file does not exist")
+    try:
+        labels = tio.LabelMap(path)
+        labels.load()
+    except Exception as error:
+        raise BadCaseError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
+    return labels
+
+
+def _check_geometry(path: Path, labels: tio.Image, image: tio.ScalarImage) -> None:
+    if labels.data.shape != image.data.shape:
+        raise BadCaseError(
+            f"{path}: shape {tuple(labels.data.shape[1:])} differs from the image's {tuple(image.data.shape[1:])}"
+        )
+    if not np.allclose(labels.affine, image.affine, atol=1e-3):
+        raise BadCaseError(f"{path}: geometry (affine) differs from the image's")
+
+
+def read_case(case: Case, known_values: set[int]) -> tio.Subject:
+    image = read_image(case.image)
+    return tio.Subject(image=image, label=read_labels(case, known_values, image))
+
+
+@dataclass
+class PreparedVolume:
+    """A case after preprocessing: windowed image (1, D, H, W) float16, labels (D, H, W) uint8."""
+
+    image: torch.Tensor
+    labels: torch.Tensor
+    affine: np.ndarray
+    spacing: float
+
+
+class VolumeCache:
+    """Preprocesses each case once per spacing and keeps the result on disk.
+
+    The key holds the preprocessing parameters, the spacing and the source files' sizes and
+    modification times, so changing any of them writes a new entry.
+
+    Args:
+        folder: where the cached volumes live.
+        preprocessing: the shared preprocessing.
+    """
+
+    def __init__(self, folder: str | Path, preprocessing: Preprocessing) -> None:
+        self.folder = Path(folder)
+        self.preprocessing = preprocessing
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, case: Case, spacing: float) -> str:
+        files = [case.image, *([case.label_map] if case.label_map else []), *(p for _, p in case.structure_files)]
+        stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+        payload = json.dumps([self.preprocessing.as_dict(), spacing, stamp], sort_keys=True, default=str)
+        return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+    def load(self, case: Case, spacing: float, known_values: set[int]) -> PreparedVolume:
+        path = self.folder / f"{case.dataset}-{case.case_id}-{self.key(case, spacing)}.pt"
+        if path.is_file():
+            self.hits += 1
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            return PreparedVolume(stored["image"], stored["labels"], stored["affine"].numpy(), spacing)
+        self.misses += 1
+        prepared = self.preprocessing.prepare(read_case(case, known_values), spacing)
+        volume = PreparedVolume(
+            prepared["image"].data.half(), prepared["label"].data[0].to(torch.uint8), prepared["image"].affine, spacing
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(
+            {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))},
+            temporary,
+        )
+        temporary.replace(path)
+        return volume

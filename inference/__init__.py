@@ -1,0 +1,1 @@
+"""Inference: checkpoint loading, whole-volume sliding-window prediction, writing masks."""

@@ -1,0 +1,164 @@
+"""Loading checkpoints as weights only: Lightning checkpoints of training and trimmed exports.
+
+Every file is read with ``torch.load(weights_only=True)``: a file that needs arbitrary objects
+unpickled is refused, never executed. Foreign weights are checked key by key and shape by shape
+before loading (as nnU-Net's ``load_pretrained_weights`` does), and the differences are named.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from networks.prompt_seg_net import PromptSegNet
+
+TRIMMED_FORMAT = "prompt-seg-trimmed/1"
+NETWORK_ARGS = (
+    "feature_size",
+    "decoder_channels",
+    "num_paths",
+    "router_hidden_dim",
+    "prompt_head",
+    "embedding_dim",
+    "encoder_depths",
+    "window_size",
+)
+TEXT_ARGS = ("text_encoder", "text_encoder_weights", "clip_model", "prompt_template")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the file and the reason."""
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference and what travels with it."""
+
+    network: PromptSegNet
+    network_args: dict
+    prompt_embeddings: dict[str, torch.Tensor]
+    preprocessing: dict
+    text: dict = field(default_factory=dict)
+    text_identity: str = ""
+    tubular: dict[str, bool] = field(default_factory=dict)
+    sw_roi: int = 96
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} refused: it needs arbitrary objects unpickled ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
+    if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint):
+        raise CheckpointError(f"checkpoint {path} holds no state_dict: not a prompt-seg checkpoint")
+    return checkpoint
+
+
+def network_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The network's weights, without the Lightning ``network.`` prefix."""
+    state = checkpoint["state_dict"]
+    if checkpoint.get("format") == TRIMMED_FORMAT:
+        return state
+    return {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+
+
+def check_state(network: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise a :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+        raise CheckpointError(f"checkpoint {source} does not fit this network configuration; " + "; ".join(parts))
+
+
+def _hparams(checkpoint: dict) -> dict:
+    return checkpoint.get("hyper_parameters") or checkpoint.get("network_args") or {}
+
+
+def load_network_weights(network: PromptSegNet, path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's weights into ``network`` (trimming it to the stored paths) after checking
+    them; return the stored prompt embeddings."""
+    checkpoint = read_checkpoint(path)
+    for pathway, kept in zip(network.pathways, checkpoint.get("kept_paths", [])):
+        pathway.keep_only(set(kept))
+    state = network_state(checkpoint)
+    check_state(network, state, path)
+    network.load_state_dict(state)
+    return dict(checkpoint.get("prompt_embeddings", {}))
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Build the network a checkpoint describes and load its weights."""
+    checkpoint = read_checkpoint(path)
+    hparams = _hparams(checkpoint)
+    missing = [k for k in NETWORK_ARGS if k not in hparams]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks network settings {missing}")
+    args = {k: hparams[k] for k in NETWORK_ARGS}
+    network = PromptSegNet(
+        1,
+        args["embedding_dim"],
+        args["feature_size"],
+        tuple(args["decoder_channels"]),
+        args["num_paths"],
+        args["router_hidden_dim"],
+        args["prompt_head"],
+        tuple(args["encoder_depths"]),
+        args["window_size"],
+    )
+    embeddings = load_network_weights(network, path)
+    return LoadedModel(
+        network.eval(),
+        args,
+        embeddings,
+        dict(checkpoint.get("preprocessing", {})),
+        {k: hparams.get(k) for k in TEXT_ARGS},
+        checkpoint.get("text_encoder_identity", ""),
+        dict(checkpoint.get("tubular", {})),
+        int(hparams.get("sw_roi", 96)),
+    )
+
+
+def save_trimmed(model: LoadedModel, prompts: list[str], path: str | Path) -> PromptSegNet:
+    """Write the network trimmed to ``prompts``' routes with their embeddings; return it."""
+    missing = [p for p in prompts if p not in model.prompt_embeddings]
+    if missing:
+        raise CheckpointError(f"no embedding for prompts {missing}; embed them first")
+    embeddings = torch.stack([model.prompt_embeddings[p] for p in prompts])
+    trimmed = model.network.trimmed(embeddings)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(".tmp-" + target.name)
+    torch.save(
+        {
+            "format": TRIMMED_FORMAT,
+            "network_args": model.network_args | model.text | {"sw_roi": model.sw_roi},
+            "state_dict": trimmed.state_dict(),
+            "kept_paths": [p.kept_paths for p in trimmed.pathways],
+            "prompt_embeddings": {p: model.prompt_embeddings[p] for p in prompts},
+            "preprocessing": model.preprocessing,
+            "text_encoder_identity": model.text_identity,
+            "tubular": {p: model.tubular.get(p, False) for p in prompts},
+        },
+        temporary,
+    )
+    temporary.replace(target)
+    return trimmed

@@ -1,0 +1,1 @@
+"""LightningModules: training logic around the plain networks."""

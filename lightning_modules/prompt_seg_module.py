@@ -1,0 +1,265 @@
+"""Training logic of the prompt-routed model: losses, the paper's two phases, few-shot fine-tuning."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import numpy as np
+import torch
+
+from inference.checkpoints import load_network_weights
+from inference.sliding_window import predict_volume
+from lightning_modules.losses import dice_bce_loss, soft_cl_dice_loss
+from metrics.segmentation import cl_dice, dice
+from networks.prompt_seg_net import PromptSegNet
+from networks.routing import balance_loss
+from networks.text_encoders import PromptEmbedder, build_text_encoder
+
+TEXT_ENCODER_DIMS = {"minilm": 384}
+
+
+class PromptSegModule(L.LightningModule):
+    """Prompt-based universal CT segmentation (Ouyang et al., MICCAI), trained in two phases.
+
+    Phase 1 (``joint_epochs``) trains everything but the frozen text encoder on all tasks with
+    Gumbel-softmax routing. Phase 2 (``path_epochs``) fixes each task's route at the argmax and
+    trains only the selected sub-pathways; each therefore learns only from the tasks routed through
+    it. The optimiser is rebuilt at the switch, and the phase is stored in the checkpoint.
+
+    With ``init_checkpoint`` and ``finetune_prompt`` it does the paper's few-shot adaptation
+    instead: load the weights, route the new prompt, keep only its sub-pathways, freeze the encoder
+    (and routers) and fine-tune the decoder.
+
+    Args:
+        feature_size: Swin embedding width (paper: 48).
+        decoder_channels: bottleneck and five decoder level widths.
+        num_paths: sub-pathways per AP module (paper: 6; 1 is the sole-path ablation).
+        router_hidden_dim: router hidden width.
+        prompt_head: prompt-conditioned output head (off for the ablation).
+        encoder_depths: Swin blocks per stage (paper: 2, 2, 2, 2).
+        window_size: Swin attention window (paper: 7).
+        text_encoder: ``minilm`` (offline), ``open_clip`` (the paper's CLIP) or ``table``.
+        text_encoder_weights: open_clip weights file or tag, MiniLM folder, or embedding table file.
+        clip_model: open_clip architecture (paper: CLIP; default ViT-B-32).
+        prompt_template: format string around each prompt, e.g. "a computerized tomography of a {}".
+        embedding_dim: prompt embedding size; ``None`` asks the text encoder.
+        lr: AdamW learning rate (paper: 2e-4).
+        weight_decay: AdamW weight decay (paper: 1e-5).
+        betas: AdamW betas (paper: momentum 0.9).
+        joint_epochs: phase-1 epochs (paper: 3000).
+        path_epochs: phase-2 epochs (paper: 1000).
+        temperature_start: Gumbel-softmax temperature at the first epoch.
+        temperature_end: temperature reached at the end of phase 1 (exponential decay).
+        balance_weight: weight of the load-balancing term against routing collapse.
+        cldice_weight: weight of the soft-clDice term on tubular tasks.
+        sw_roi: sliding-window edge (voxels) for validation.
+        sw_overlap: sliding-window overlap.
+        sw_batch_size: windows per forward pass.
+        init_checkpoint: weights to start from (few-shot); loaded as weights only.
+        finetune_prompt: the unseen prompt to adapt to (few-shot).
+        seed: seed of the per-step Gumbel noise (runs resume exactly).
+    """
+
+    def __init__(
+        self,
+        feature_size: int = 48,
+        decoder_channels: tuple[int, ...] = (192, 192, 192, 48, 48, 48),
+        num_paths: int = 6,
+        router_hidden_dim: int = 256,
+        prompt_head: bool = True,
+        encoder_depths: tuple[int, ...] = (2, 2, 2, 2),
+        window_size: int = 7,
+        text_encoder: str = "minilm",
+        text_encoder_weights: str | None = None,
+        clip_model: str = "ViT-B-32",
+        prompt_template: str = "{}",
+        embedding_dim: int | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        joint_epochs: int = 3000,
+        path_epochs: int = 1000,
+        temperature_start: float = 1.0,
+        temperature_end: float = 0.3,
+        balance_weight: float = 0.01,
+        cldice_weight: float = 0.5,
+        sw_roi: int = 96,
+        sw_overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        init_checkpoint: str | None = None,
+        finetune_prompt: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (init_checkpoint is None) != (finetune_prompt is None):
+            raise ValueError("few-shot fine-tuning needs both model.init_checkpoint and model.finetune_prompt")
+        if finetune_prompt is not None and not finetune_prompt.strip():
+            raise ValueError("model.finetune_prompt is empty")
+        self._embedder: PromptEmbedder | None = None
+        if embedding_dim is None:
+            embedding_dim = TEXT_ENCODER_DIMS.get(text_encoder) or self.embedder.dim
+        self.save_hyperparameters()
+        self.hparams.embedding_dim = embedding_dim
+        self.network = PromptSegNet(
+            1,
+            embedding_dim,
+            feature_size,
+            decoder_channels,
+            num_paths,
+            router_hidden_dim,
+            prompt_head,
+            encoder_depths,
+            window_size,
+        )
+        self.prompt_embeddings: dict[str, torch.Tensor] = {}
+        self.tubular: dict[str, bool] = {}
+        self.phase = 1
+        self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.task_routes: dict[str, tuple[int, ...]] = {}
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def embedder(self) -> PromptEmbedder:
+        """The frozen text encoder, loaded only when a prompt has no stored embedding."""
+        if self._embedder is None:
+            encoder = build_text_encoder(
+                self.hparams.text_encoder, self.hparams.text_encoder_weights, self.hparams.clip_model
+            )
+            self._embedder = PromptEmbedder(encoder, self.hparams.prompt_template)
+        return self._embedder
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self.prompt_embeddings})
+        if missing:
+            self.prompt_embeddings.update(zip(missing, self.embedder(missing)))
+        return torch.stack([self.prompt_embeddings[p] for p in prompts]).to(self.device)
+
+    # ------------------------------------------------------------------ setup and phases
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None:
+            datamodule.setup(stage)
+            self.tubular = {t.prompt: t.tubular for t in datamodule.tasks}
+            self.embed(sorted(self.tubular))
+        if self.hparams.init_checkpoint and stage == "fit" and not self.task_routes:
+            self._prepare_few_shot()
+
+    @property
+    def task_prompts(self) -> list[str]:
+        return sorted(self.tubular) if self.tubular else sorted(self.prompt_embeddings)
+
+    def _prepare_few_shot(self) -> None:
+        embeddings = load_network_weights(self.network, self.hparams.init_checkpoint)
+        self.prompt_embeddings.update({p: e for p, e in embeddings.items() if p not in self.prompt_embeddings})
+        prompt = self.hparams.finetune_prompt
+        self.network = self.network.trimmed(self.embed([prompt])).train()
+        self.network.encoder.requires_grad_(False)
+        for pathway in self.network.pathways:
+            pathway.router.requires_grad_(False)
+            pathway.fixed_routes = True
+        self.phase = 0
+        self.task_routes = {prompt: tuple(self.network.routes(self.embed([prompt]))[0].tolist())}
+
+    def enter_path_phase(self) -> None:
+        """Phase 2: fix the routes and train only the sub-pathways the tasks select."""
+        routes = self.network.routes(self.embed(self.task_prompts))
+        self.network.requires_grad_(False)
+        for level, pathway in enumerate(self.network.pathways):
+            pathway.fixed_routes = True
+            for path in routes[:, level].unique().tolist():
+                pathway.sub_pathways[str(path)].requires_grad_(True)
+        self.phase = 2
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.set_epoch(epoch)
+        if self.phase == 1 and epoch >= self.hparams.joint_epochs:
+            self.enter_path_phase()
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        if self.phase == 1:
+            progress = epoch / max(self.hparams.joint_epochs - 1, 1)
+            start, end = self.hparams.temperature_start, self.hparams.temperature_end
+            self.network.set_temperature(start * (end / start) ** progress)
+        self.log("train/phase", float(self.phase))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        torch.manual_seed(int(np.random.SeedSequence([self.hparams.seed, self.global_step]).generate_state(1)[0]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [p for p in self.network.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            parameters, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+        )
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
+        loss = dice_bce_loss(output.logits, batch["masks"])
+        self.log("train/dice_bce", loss, batch_size=len(batch["prompts"]))
+        tubular = batch["tubular"].bool()
+        if self.hparams.cldice_weight > 0 and tubular.any():
+            cl_loss = soft_cl_dice_loss(output.logits[tubular], batch["masks"][tubular])
+            loss = loss + self.hparams.cldice_weight * cl_loss
+            self.log("train/soft_cldice", cl_loss, batch_size=int(tubular.sum()))
+        if self.phase == 1 and self.hparams.balance_weight > 0 and self.hparams.num_paths > 1:
+            balance = torch.stack([balance_loss(logits) for logits in output.router_logits]).mean()
+            loss = loss + self.hparams.balance_weight * balance
+            self.log("train/balance", balance, batch_size=len(batch["prompts"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        probabilities = predict_volume(
+            self.network,
+            batch["image"].to(self.device),
+            self.embed(batch["prompts"]),
+            self.hparams.sw_roi,
+            self.hparams.sw_overlap,
+            self.hparams.sw_batch_size,
+        )
+        for prompt, probability, mask, tubular in zip(
+            batch["prompts"], probabilities, batch["masks"], batch["tubular"]
+        ):
+            prediction, truth = (probability > 0.5).cpu().numpy(), mask[0].bool().cpu().numpy()
+            self.validation_scores["dice"][prompt].append(dice(prediction, truth))
+            if tubular:
+                self.validation_scores["cldice"][prompt].append(cl_dice(prediction, truth))
+
+    def on_validation_epoch_end(self) -> None:
+        for metric, per_prompt in self.validation_scores.items():
+            means = {p: float(np.mean(v)) for p, v in per_prompt.items()}
+            for prompt, value in means.items():
+                self.log(f"val/{metric}/{prompt}", value)
+            self.log(f"val/mean_{metric}", float(np.mean(list(means.values()))), prog_bar=metric == "dice")
+        self.validation_scores.clear()
+        routes = self.network.routes(self.embed(self.task_prompts))
+        self.task_routes = {p: tuple(r.tolist()) for p, r in zip(self.task_prompts, routes)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["phase"] = self.phase
+        checkpoint["prompt_embeddings"] = {p: e.cpu() for p, e in self.prompt_embeddings.items()}
+        checkpoint["text_encoder_identity"] = self._text_identity()
+        checkpoint["tubular"] = dict(self.tubular)
+        checkpoint["kept_paths"] = [pathway.kept_paths for pathway in self.network.pathways]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None:
+            checkpoint["preprocessing"] = datamodule.preprocessing.as_dict()
+
+    def _text_identity(self) -> str:
+        if self._embedder is not None:
+            return self._embedder.identity
+        return (
+            f"{self.hparams.text_encoder}:{self.hparams.text_encoder_weights}|template={self.hparams.prompt_template}"
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.prompt_embeddings.update(checkpoint.get("prompt_embeddings", {}))
+        self.tubular.update(checkpoint.get("tubular", {}))
+        for pathway, kept in zip(self.network.pathways, checkpoint.get("kept_paths", [])):
+            pathway.keep_only(set(kept))
+        if checkpoint.get("phase") == 2 and self.phase != 2:
+            self.enter_path_phase()

@@ -1,0 +1,152 @@
+"""The prompt-based segmentation network of Ouyang et al. (MICCAI): Swin encoder + routed decoder."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.decoder import RoutedDecoder
+from networks.encoder import SwinEncoder
+from networks.head import PlainHead, PromptConditionedHead
+
+DIVISOR = 32  # patch embedding (2) and four patch mergings: the coarsest map is 1/32 of the input
+MIN_SIZE = 64  # instance norm needs more than one voxel in the 1/32 map
+
+
+@dataclass
+class NetworkOutput:
+    """Logits (N, 1, D, H, W) for N (image, prompt) pairs and the router logits of each level."""
+
+    logits: torch.Tensor
+    router_logits: list[torch.Tensor]
+
+
+class PromptSegNet(nn.Module):
+    """Segments, in a CT patch, whatever each prompt embedding names.
+
+    The encoder runs once per image; the decoder runs once per (image, prompt) pair, through the
+    sub-pathways the prompt's route selects. At inference, pairs of the same image whose prompts
+    share a whole route share the decoder work, and only the prompt-conditioned head differs.
+    Inputs of any size are zero-padded up to a multiple of 32 (at least 64) per axis and the output
+    is cropped back.
+
+    Args:
+        in_channels: image channels.
+        embedding_dim: size of the prompt embedding (512 for CLIP ViT-B-32, 384 for MiniLM).
+        feature_size: Swin embedding width (paper: 48).
+        decoder_channels: bottleneck and five level widths (paper: 192, 192, 192, 48, 48, 48).
+        num_paths: candidate sub-pathways per level (paper: M = 6; 1 is the sole-path ablation).
+        router_hidden_dim: hidden width of the routers.
+        prompt_head: prompt-conditioned output head (True) or a plain shared convolution (False).
+        encoder_depths: Swin blocks per stage (paper: 2, 2, 2, 2).
+        window_size: Swin attention window (paper: 7).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        embedding_dim: int = 512,
+        feature_size: int = 48,
+        decoder_channels: Sequence[int] = (192, 192, 192, 48, 48, 48),
+        num_paths: int = 6,
+        router_hidden_dim: int = 256,
+        prompt_head: bool = True,
+        encoder_depths: Sequence[int] = (2, 2, 2, 2),
+        window_size: int = 7,
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
+        encoder_channels = self.encoder.out_channels
+        skip_channels = [encoder_channels[4], *encoder_channels[3::-1], in_channels]
+        self.decoder = RoutedDecoder(skip_channels, decoder_channels, embedding_dim, num_paths, router_hidden_dim)
+        head = PromptConditionedHead if prompt_head else PlainHead
+        self.head = head(decoder_channels[-1], embedding_dim)
+
+    @property
+    def pathways(self) -> nn.ModuleList:
+        return self.decoder.pathways
+
+    def set_temperature(self, temperature: float) -> None:
+        """Gumbel-softmax temperature of every router."""
+        for pathway in self.pathways:
+            pathway.temperature = temperature
+
+    @torch.no_grad()
+    def routes(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        """Inference routes (P, levels): the argmax of each level's router logits, no noise."""
+        logits = self.decoder.router_logits(prompt_embedding)
+        return torch.stack([level.argmax(dim=-1) for level in logits], dim=1)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        prompt_embedding: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> NetworkOutput:
+        """Logits for N (image, prompt) pairs.
+
+        Args:
+            image: (B, C, D, H, W).
+            prompt_embedding: (N, E), one row per pair.
+            image_index: (N,) index into ``image`` of each pair; default ``arange(B)`` (N == B).
+        """
+        if image.dim() != 5:
+            raise ValueError(f"image must be (B, C, D, H, W), got shape {tuple(image.shape)}")
+        if image_index is None:
+            if prompt_embedding.shape[0] != image.shape[0]:
+                raise ValueError("give image_index when the prompts do not pair one-to-one with images")
+            image_index = torch.arange(image.shape[0], device=image.device)
+        size = image.shape[2:]
+        padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE)
+        hidden = self.encoder(padded)
+        skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]
+        router_logits, weights = self.decoder.route_weights(prompt_embedding)
+        if self.training:
+            features = self.decoder(skips, weights, image_index)
+        else:
+            features = self._decode_unique_routes(skips, weights, image_index)
+        logits = self.head(features, prompt_embedding)
+        return NetworkOutput(logits[(..., *(slice(0, s) for s in size))], router_logits)
+
+    def _decode_unique_routes(
+        self, skips: list[torch.Tensor], weights: list[torch.Tensor], image_index: torch.Tensor
+    ) -> torch.Tensor:
+        keys = torch.stack([image_index, *(w.argmax(dim=-1) for w in weights)], dim=1)
+        unique_keys, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        first = torch.zeros(len(unique_keys), dtype=torch.long, device=keys.device)
+        first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
+        features = self.decoder(skips, [w[first] for w in weights], image_index[first])
+        return features[inverse]
+
+    def trimmed(self, prompt_embedding: torch.Tensor) -> PromptSegNet:
+        """A standalone copy holding only the sub-pathways on the routes of these prompts."""
+        routes = self.routes(prompt_embedding)
+        trimmed = copy.deepcopy(self)
+        for level, pathway in enumerate(trimmed.pathways):
+            pathway.keep_only(set(routes[:, level].tolist()))
+        return trimmed.eval()
+
+
+def _pad_to_multiple(image: torch.Tensor, divisor: int, minimum: int) -> torch.Tensor:
+    pads: list[int] = []
+    for size in reversed(image.shape[2:]):
+        pads += [0, max(size + (-size) % divisor, minimum) - size]
+    return F.pad(image, pads) if any(pads) else image
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def shared_route_groups(routes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    """Groups of two or more prompts whose whole routes are identical."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for prompt, route in routes.items():
+        groups.setdefault(tuple(route), []).append(prompt)
+    return [sorted(g) for g in groups.values() if len(g) > 1]

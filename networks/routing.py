@@ -1,0 +1,94 @@
+"""Automatic pathway (AP) module: a prompt router and M candidate sub-pathways (paper, sec. 2.2).
+
+Training uses a hard straight-through Gumbel softmax: the forward value is one-hot, its gradient
+reaches the router logits through the soft probabilities. Only the selected candidate runs for each
+sample, and the samples that chose the same candidate run as one batched call, so a level costs one
+sub-pathway, not M. At inference the route is the argmax of the logits: a function of the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    """Fully connected layers mapping a prompt embedding to logits over ``num_paths`` candidates.
+
+    Args:
+        embedding_dim: size of the prompt embedding.
+        num_paths: number of candidate sub-pathways (the paper's M).
+        hidden_dim: width of the hidden layer.
+    """
+
+    def __init__(self, embedding_dim: int, num_paths: int, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(embedding_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_paths))
+
+    def forward(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(prompt_embedding)
+
+
+def route_weights(logits: torch.Tensor, training: bool, temperature: float) -> torch.Tensor:
+    """One-hot path weights (N, M): hard Gumbel softmax in training, argmax otherwise."""
+    if training:
+        return F.gumbel_softmax(logits, tau=temperature, hard=True)
+    return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+
+
+def balance_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Load-balancing term ``M * sum_k mean_p_k**2``: 1 when usage is uniform, M when collapsed."""
+    mean_probability = logits.softmax(dim=-1).mean(dim=0)
+    return logits.shape[-1] * (mean_probability**2).sum()
+
+
+class AutomaticPathway(nn.Module):
+    """A router and ``num_paths`` sub-pathways of identical structure; runs the chosen one per sample.
+
+    Candidates live in a ``ModuleDict`` keyed by their index, so a trimmed copy keeps its indices
+    (and the router that produces them) and refuses a route through a removed candidate.
+
+    Args:
+        sub_pathways: the M candidate modules (same structure, own parameters).
+        embedding_dim: size of the prompt embedding fed to the router.
+        router_hidden_dim: hidden width of the router.
+    """
+
+    def __init__(self, sub_pathways: list[nn.Module], embedding_dim: int, router_hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.num_paths = len(sub_pathways)
+        self.sub_pathways = nn.ModuleDict({str(k): p for k, p in enumerate(sub_pathways)})
+        self.router = Router(embedding_dim, self.num_paths, router_hidden_dim)
+        self.temperature = 1.0
+        self.fixed_routes = False  # argmax routing in training too (phase 2, few-shot)
+
+    @property
+    def kept_paths(self) -> list[int]:
+        return sorted(int(k) for k in self.sub_pathways)
+
+    def choose(self, prompt_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits (N, M) and one-hot weights (N, M) for a batch of prompt embeddings."""
+        logits = self.router(prompt_embedding)
+        return logits, route_weights(logits, self.training and not self.fixed_routes, self.temperature)
+
+    def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Run, for each sample, the sub-pathway its one-hot ``weights`` row selects."""
+        choice = weights.argmax(dim=-1)
+        output: torch.Tensor | None = None
+        for path in choice.unique().tolist():
+            if str(path) not in self.sub_pathways:
+                raise ValueError(f"route uses sub-pathway {path}, which trimming removed (kept: {self.kept_paths})")
+            rows = (choice == path).nonzero(as_tuple=True)[0]
+            scale = weights[rows, path].view(-1, *([1] * (features.dim() - 1)))
+            result = self.sub_pathways[str(path)](features[rows]) * scale
+            if output is None:
+                output = result.new_empty((features.shape[0], *result.shape[1:]))
+            output[rows] = result
+        assert output is not None
+        return output
+
+    def keep_only(self, paths: set[int]) -> None:
+        """Delete every candidate not in ``paths`` (in place)."""
+        for key in [k for k in self.sub_pathways if int(k) not in paths]:
+            del self.sub_pathways[key]

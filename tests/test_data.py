@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+from pydicom.data import get_testdata_file
+
+from datamodules.multitask import Augmentation, MultiTaskDataModule, TrainingPatches, task_probabilities
+from datamodules.preprocessing import Preprocessing
+from datamodules.registry import load_registry
+from datamodules.volumes import BadCaseError, VolumeCache, read_image
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), path)
+
+
+def volume_and_labels(shape=(20, 20, 12)) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full(shape, -500, np.int16)
+    labels = np.zeros(shape, np.uint8)
+    labels[5:12, 5:12, 3:8] = 1
+    image[labels == 1] = 60
+    return image, labels
+
+
+def registry(tmp_path: Path, path: Path, fmt: str) -> Path:
+    file = tmp_path / f"registry-{fmt}.yaml"
+    file.write_text(yaml.safe_dump({"datasets": [{"name": "D", "path": str(path), "format": fmt}]}))
+    return file
+
+
+def test_msd_format(tmp_path):
+    image, labels = volume_and_labels()
+    root = tmp_path / "Task03_Liver"
+    write_nifti(root / "imagesTr/liver_0.nii.gz", image)
+    write_nifti(root / "labelsTr/liver_0.nii.gz", labels)
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "liver"},
+                "training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}],
+            }
+        )
+    )
+    (entry,) = load_registry(registry(tmp_path, root, "msd"))
+    assert [t.prompt for t in entry.tasks] == ["liver"] and entry.tasks[0].label_values == (1,)
+    assert entry.cases[0].case_id == "liver_0"
+
+
+def test_totalsegmentator_format_merges_structure_files(tmp_path):
+    image, labels = volume_and_labels()
+    case = tmp_path / "ts" / "s0001"
+    write_nifti(case / "ct.nii.gz", image)
+    write_nifti(case / "segmentations/liver.nii.gz", labels)
+    write_nifti(case / "segmentations/spleen.nii.gz", np.zeros_like(labels))
+    path = registry(tmp_path, tmp_path / "ts", "totalsegmentator")
+    data = MultiTaskDataModule(
+        registry=str(path), cache_dir=str(tmp_path / "cache"), spacing_candidates=(2.0,), validation_fraction=0.0
+    )
+    data.setup()
+    assert sorted(t.prompt for t in data.tasks) == ["liver", "spleen"]
+    volume = data.volume(data.entries[0].cases[0], 2.0)
+    liver_value = next(t for t in data.tasks if t.prompt == "liver").label_values[0]
+    assert (volume.labels == liver_value).sum() > 0
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_images_read_like_nifti(tmp_path, suffix):
+    image, _ = volume_and_labels()
+    write_nifti(tmp_path / "a.nii.gz", image)
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")), str(tmp_path / f"a{suffix}"))
+    a, b = read_image(tmp_path / "a.nii.gz"), read_image(tmp_path / f"a{suffix}")
+    assert torch.equal(a.data, b.data) and np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_dicom_ct_slice_reads_in_hounsfield_units(tmp_path):
+    source = get_testdata_file("CT_small.dcm")
+    dataset = pydicom.dcmread(source)
+    expected = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for index in range(3):  # a three-slice series made from the one real slice
+        dataset.ImagePositionPatient[2] = float(index * 5.0)
+        dataset.InstanceNumber = index + 1
+        dataset.SOPInstanceUID = f"1.2.3.{index + 1}"
+        dataset.save_as(folder / f"slice{index}.dcm")
+    image = read_image(folder)
+    assert image.data.shape[1:] == (dataset.Columns, dataset.Rows, 3)
+    assert np.allclose(image.data[0, :, :, 0].numpy().T, expected)
+
+
+def test_spacing_rule_frequencies_and_closest_choice():
+    preprocessing = Preprocessing()
+    assert preprocessing.closest_spacing((0.7, 0.7, 0.7)) == 0.6
+    assert preprocessing.closest_spacing((0.9, 0.9, 1.2)) == 1.0
+    assert preprocessing.closest_spacing((0.8, 0.8, 5.0)) == 1.5
+    rng = np.random.default_rng(0)
+    draws = [preprocessing.sample_spacing((1.0, 1.0, 1.0), rng) for _ in range(20000)]
+    share_closest = draws.count(1.0) / len(draws)
+    assert share_closest == pytest.approx(0.9 + 0.1 / 3, abs=0.01)
+    assert draws.count(0.6) / len(draws) == pytest.approx(0.1 / 3, abs=0.006)
+
+
+def test_window_values():
+    window = Preprocessing().window(torch.tensor([-2000.0, -900.0, 0.0, 450.0, 900.0, 3000.0]))
+    assert torch.allclose(window, torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+
+
+def test_task_probabilities_interpolate_uniform_and_proportional():
+    assert np.allclose(task_probabilities([1, 9], 0.0), [0.5, 0.5])
+    assert np.allclose(task_probabilities([1, 9], 1.0), [0.1, 0.9])
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, phantom_registry):
+    entry = load_registry(phantom_registry)[0]
+    case, values = entry.cases[0], set(entry.labels.values())
+    cache = VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,)))
+    first = cache.load(case, 3.0, values)
+    second = cache.load(case, 3.0, values)
+    assert (cache.misses, cache.hits) == (1, 1) and torch.equal(first.image, second.image)
+    other = VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,), window_width=1000.0))
+    other.load(case, 3.0, values)
+    assert other.misses == 1 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+@pytest.fixture(scope="module")
+def phantom_data(phantom_registry, tmp_path_factory) -> MultiTaskDataModule:
+    data = MultiTaskDataModule(
+        registry=str(phantom_registry),
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        spacing_candidates=(3.0,),
+        patch_size=32,
+        batch_size=2,
+        prompts_per_image=3,
+        samples_per_epoch=4,
+    )
+    data.setup()
+    return data
+
+
+def test_batches_pair_images_with_prompts_and_partial_labels(phantom_data):
+    batch = next(iter(phantom_data.train_dataloader()))
+    assert batch["image"].shape == (2, 1, 32, 32, 32)
+    assert batch["masks"].shape == (len(batch["prompts"]), 1, 32, 32, 32)
+    assert batch["image_index"].tolist() == sorted(batch["image_index"].tolist())
+    assert "renal artery" not in {t.prompt for t in phantom_data.tasks}
+    assert len(phantom_data.val_cases) == 3  # one per joint data set
+
+
+def test_samples_are_reproducible_per_epoch_and_index(phantom_data):
+    dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
+    a, b = dataset[1], dataset[1]
+    assert torch.equal(a["image"], b["image"]) and a["prompts"] == b["prompts"]
+    dataset.epoch = 1
+    assert not torch.equal(dataset[1]["image"], a["image"])
+
+
+def test_augmentation_keeps_image_and_mask_aligned(phantom_data):
+    dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
+    dataset.augment = Augmentation(probability=1.0, degrees=20.0, noise_std=0.0).transform()
+    image = torch.zeros(1, 32, 32, 32)
+    labels = torch.zeros(32, 32, 32, dtype=torch.uint8)
+    labels[8:20, 10:22, 12:24] = 1
+    image[0][labels == 1] = 1.0
+    augmented, moved = dataset._augment(image, labels, seed=5)
+    assert not torch.equal(moved, labels)
+    inside = augmented[0][moved == 1].mean()
+    outside = augmented[0][moved == 0].mean()
+    assert inside > 0.8 and outside < 0.1
+
+
+def bad_case(tmp_path: Path, fault: str) -> Path:
+    image, labels = volume_and_labels()
+    root = tmp_path / f"Dataset900_{fault}"
+    image_path, label_path = root / "imagesTr/c_0000.nii.gz", root / "labelsTr/c.nii.gz"
+    if fault == "nan":
+        write_nifti(image_path, np.where(labels == 1, np.nan, image.astype(np.float32)))
+    elif fault == "flat":
+        write_nifti(image_path, image[:, :, :1])
+    else:
+        write_nifti(image_path, image)
+    if fault == "shape":
+        write_nifti(label_path, labels[:-2])
+    elif fault == "values":
+        write_nifti(label_path, labels * 7)
+    elif fault != "missing":
+        write_nifti(label_path, labels[:, :, :1] if fault == "flat" else labels)
+    if fault == "corrupt":
+        image_path.write_bytes(b"not a nifti file")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("missing", "does not exist"),
+        ("corrupt", "cannot be read"),
+        ("shape", "differs from the image"),
+        ("values", "not in the label map"),
+        ("nan", "NaN or infinite"),
+        ("flat", "expected a 3D image"),
+    ],
+)
+def test_bad_input_is_named_at_setup(tmp_path, fault, message):
+    root = bad_case(tmp_path, fault)
+    data = MultiTaskDataModule(
+        registry=str(registry(tmp_path, root, "nnunet")), cache_dir=str(tmp_path / "cache"), spacing_candidates=(2.0,)
+    )
+    with pytest.raises(BadCaseError, match=message) as error:
+        data.setup()
+    assert "c_0000.nii.gz" in str(error.value) or "c.nii.gz" in str(error.value)
+
+
+def test_bad_cases_can_be_skipped(tmp_path, caplog):
+    root = bad_case(tmp_path, "nan")
+    data = MultiTaskDataModule(
+        registry=str(registry(tmp_path, root, "nnunet")),
+        cache_dir=str(tmp_path / "cache"),
+        spacing_candidates=(2.0,),
+        skip_bad_cases=True,
+    )
+    data.setup()
+    assert data.entries[0].cases == [] and "skipped 1 bad case" in caplog.text

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export import network_from_config, parameter_counts
+from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups
+from networks.routing import AutomaticPathway, balance_loss
+from tests.conftest import TINY_NETWORK
+
+EMBED = 32
+
+
+def tiny(**overrides) -> PromptSegNet:
+    torch.manual_seed(0)
+    return PromptSegNet(embedding_dim=EMBED, **(TINY_NETWORK | overrides))
+
+
+@pytest.mark.parametrize("size", [(32, 32, 32), (40, 36, 50)])
+def test_output_shape_matches_input_including_non_multiples_of_32(size):
+    net = tiny().eval()
+    image = torch.randn(2, 1, *size)
+    output = net(image, torch.randn(3, EMBED), torch.tensor([0, 1, 1]))
+    assert output.logits.shape == (3, 1, *size)
+    assert len(output.router_logits) == 5 and output.router_logits[0].shape == (3, 3)
+
+
+def test_bad_image_rank_is_rejected():
+    with pytest.raises(ValueError, match="image must be"):
+        tiny()(torch.randn(1, 32, 32, 32), torch.randn(1, EMBED))
+
+
+def test_eval_routing_is_deterministic_and_depends_on_the_prompt_only():
+    net = tiny().eval()
+    prompts = torch.randn(4, EMBED)
+    first, second = net.routes(prompts), net.routes(prompts)
+    assert torch.equal(first, second)
+    image = torch.randn(1, 1, 32, 32, 32)
+    a = net(image, prompts[:1]).logits
+    b = net(image, prompts[:1]).logits
+    assert torch.equal(a, b)
+
+
+def test_gradients_reach_router_and_only_the_selected_sub_pathways():
+    net = tiny().train()
+    output = net(torch.randn(1, 1, 32, 32, 32), torch.randn(1, EMBED))
+    output.logits.mean().backward()
+    for pathway in net.pathways:
+        assert pathway.router.layers[-1].weight.grad.abs().sum() > 0
+        with_grad = [k for k, p in pathway.sub_pathways.items() if p.conv1.conv.weight.grad is not None]
+        assert len(with_grad) == 1
+
+
+def test_grouped_execution_equals_per_sample_execution():
+    torch.manual_seed(1)
+    pathway = AutomaticPathway([torch.nn.Conv3d(4, 2, 1) for _ in range(3)], EMBED).eval()
+    features = torch.randn(6, 4, 5, 5, 5)
+    weights = torch.nn.functional.one_hot(torch.tensor([0, 2, 0, 1, 2, 2]), 3).float()
+    grouped = pathway(features, weights)
+    single = torch.cat([pathway(features[i : i + 1], weights[i : i + 1]) for i in range(6)])
+    assert torch.allclose(grouped, single, atol=1e-6)
+
+
+def test_balance_loss_is_one_when_uniform_and_m_when_collapsed():
+    assert balance_loss(torch.zeros(8, 4)).item() == pytest.approx(1.0)
+    collapsed = torch.tensor([[100.0, 0, 0, 0]]).repeat(8, 1)
+    assert balance_loss(collapsed).item() == pytest.approx(4.0, rel=1e-4)
+
+
+def test_trimmed_network_matches_full_network_and_refuses_other_routes():
+    net = tiny().eval()
+    prompts = torch.randn(8, EMBED)
+    routes = net.routes(prompts)
+    keep = prompts[:1]
+    trimmed = net.trimmed(keep)
+    assert count_parameters(trimmed) < count_parameters(net)
+    image = torch.randn(1, 1, 40, 40, 40)
+    difference = (net(image, keep).logits - trimmed(image, keep).logits).abs().max()
+    assert difference <= 1e-5
+    other = [i for i in range(8) if any(routes[i, lvl] != routes[0, lvl] for lvl in range(5))]
+    assert other, "random router should give some prompt another route"
+    with pytest.raises(ValueError, match="trimming removed"):
+        trimmed(image, prompts[other[0] : other[0] + 1])
+
+
+def test_prompts_sharing_a_route_still_get_their_own_mask():
+    net = tiny(num_paths=1).eval()
+    prompts = torch.randn(2, EMBED)
+    assert shared_route_groups(
+        {"a": tuple(net.routes(prompts)[0].tolist()), "b": tuple(net.routes(prompts)[1].tolist())}
+    )
+    logits = net(torch.randn(1, 1, 32, 32, 32), prompts, torch.tensor([0, 0])).logits
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_plain_head_ablation_gives_the_same_mask_for_a_shared_route():
+    net = tiny(num_paths=1, prompt_head=False).eval()
+    logits = net(torch.randn(1, 1, 32, 32, 32), torch.randn(2, EMBED), torch.tensor([0, 0])).logits
+    assert torch.allclose(logits[0], logits[1])
+
+
+def test_paper_configuration_reproduces_the_paper_sizes_within_two_percent(tmp_path):
+    counts = parameter_counts(network_from_config(__import__("pathlib").Path("configs/paper.yaml")))
+    assert counts["params_encoder"] == pytest.approx(8.06, rel=0.02)
+    assert counts["params_full"] == pytest.approx(60.50, rel=0.02)
+    assert counts["params_trimmed"] == pytest.approx(26.75, rel=0.02)
+
+
+def test_export_params_command_prints_one_json_line(capsys):
+    from export import main
+
+    assert main(["--config", "configs/paper.yaml", "--params"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("{") and "params_full" in line and "\n" not in line

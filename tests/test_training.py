@@ -1,0 +1,241 @@
+"""Fit, phase switch, resume, few-shot, export and segmentation on tiny phantoms (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from callbacks import CosineWarmRestarts, PruningExport
+from callbacks.lr_schedule import warm_restart_factor
+from datamodules.multitask import MultiTaskDataModule
+from inference.checkpoints import CheckpointError, load_model, read_checkpoint
+from lightning_modules.prompt_seg_module import PromptSegModule
+from segment import main as segment_main
+from tests.conftest import TINY_NETWORK
+
+pytestmark = pytest.mark.slow
+
+
+def data_module(registry: Path, cache: Path, **overrides) -> MultiTaskDataModule:
+    settings = dict(
+        registry=str(registry),
+        cache_dir=str(cache),
+        spacing_candidates=(3.0,),
+        patch_size=64,
+        batch_size=1,
+        prompts_per_image=2,
+        samples_per_epoch=2,
+        augment=False,
+    )
+    return MultiTaskDataModule(**(settings | overrides))
+
+
+def module(**overrides) -> PromptSegModule:
+    settings = dict(TINY_NETWORK, joint_epochs=2, path_epochs=1, lr=1e-3, sw_roi=64, sw_batch_size=1)
+    return PromptSegModule(**(settings | overrides))
+
+
+def trainer(root: Path, max_epochs: int, validate: bool = False, callbacks=()) -> L.Trainer:
+    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", filename="latest", save_last=True)]
+    if validate:
+        checkpoints.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=root / "checkpoints", filename="best", monitor="val/mean_dice", mode="max"
+            )
+        )
+    return L.Trainer(
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1 if validate else 0,
+        num_sanity_val_steps=0,
+        callbacks=[*checkpoints, CosineWarmRestarts(warmup=1, period=2), *callbacks],
+        deterministic=True,
+    )
+
+
+def test_warm_restart_schedule_values():
+    assert warm_restart_factor(0, 2, 4, 1.0, 0.0) == pytest.approx(0.5)
+    assert warm_restart_factor(2, 2, 4, 1.0, 0.0) == pytest.approx(1.0)
+    assert warm_restart_factor(4, 2, 4, 1.0, 0.0) == pytest.approx(0.5)  # half-way down the cosine
+    assert warm_restart_factor(5, 2, 4, 1.0, 0.0) == pytest.approx((1 + np.cos(0.75 * np.pi)) / 2)
+    assert warm_restart_factor(6, 2, 4, 1.0, 0.0) == pytest.approx(1.0)  # restarted
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_registry, tmp_path_factory) -> tuple[Path, PromptSegModule]:
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0)
+    model = module()
+    export = PruningExport()
+    trainer(root, 3, validate=True, callbacks=[export]).fit(model, data_module(phantom_registry, root / "cache"))
+    return root, model
+
+
+def test_two_phases_freeze_all_but_the_selected_sub_pathways(trained):
+    root, model = trained
+    assert model.phase == 2
+    trainable = {n for n, p in model.network.named_parameters() if p.requires_grad}
+    assert trainable and all(".sub_pathways." in n for n in trainable)
+    routes = model.network.routes(model.embed(model.task_prompts))
+    for level, pathway in enumerate(model.network.pathways):
+        selected = {str(k) for k in routes[:, level].tolist()}
+        for key, sub_pathway in pathway.sub_pathways.items():
+            assert all(p.requires_grad == (key in selected) for p in sub_pathway.parameters())
+
+
+def test_checkpoint_holds_phase_embeddings_and_loads_weights_only(trained):
+    root, model = trained
+    checkpoint = read_checkpoint(root / "checkpoints" / "last.ckpt")
+    assert checkpoint["phase"] == 2
+    assert set(checkpoint["prompt_embeddings"]) == set(model.task_prompts)
+    assert checkpoint["preprocessing"]["spacing_candidates"] == [3.0] or checkpoint["preprocessing"][
+        "spacing_candidates"
+    ] == (3.0,)
+    assert not any(k.startswith("network.") is False for k in checkpoint["state_dict"])  # no text encoder weights
+
+
+def test_pruning_export_matches_the_full_model_for_its_prompts(trained, tmp_path):
+    root, model = trained
+    exported = root / "checkpoints" / "trimmed.pt"
+    full, trimmed = load_model(root / "checkpoints" / "last.ckpt"), load_model(exported)
+    prompts = ["liver", "aorta"]
+    embeddings = torch.stack([full.prompt_embeddings[p] for p in prompts])
+    image = torch.rand(1, 1, 64, 64, 64)
+    index = torch.zeros(2, dtype=torch.long)
+    difference = (
+        (full.network(image, embeddings, index).logits - trimmed.network(image, embeddings, index).logits).abs().max()
+    )
+    assert difference <= 1e-5
+
+
+def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, phantom_root, tmp_path):
+    root, _ = trained
+    image = sorted((phantom_root / "Dataset001_PhantomAbdomen" / "imagesTr").glob("*.nii.gz"))[0]
+    args = [
+        "--checkpoint",
+        str(root / "checkpoints" / "trimmed.pt"),
+        "--input",
+        str(image),
+        "--prompt",
+        "liver",
+        "--prompt",
+        "aorta",
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--overlap",
+        "0.25",
+    ]
+    assert segment_main(args) == 0
+    source = nib.load(image)
+    for slug in ("liver", "aorta"):
+        mask = nib.load(tmp_path / "out" / "case_000_0000" / f"{slug}.nii.gz")
+        assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+        assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+    assert segment_main(args) == 2  # exists, no --overwrite
+    full_args = [
+        a if a != str(root / "checkpoints" / "trimmed.pt") else str(root / "checkpoints" / "last.ckpt") for a in args
+    ]
+    full_args[full_args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
+    assert segment_main(full_args) == 0
+    for slug in ("liver", "aorta"):
+        a = np.asanyarray(nib.load(tmp_path / "out" / "case_000_0000" / f"{slug}.nii.gz").dataobj)
+        b = np.asanyarray(nib.load(tmp_path / "full" / "case_000_0000" / f"{slug}.nii.gz").dataobj)
+        assert np.array_equal(a, b)
+
+
+def test_segment_bad_inputs_give_one_line_and_no_output(trained, tmp_path, capsys):
+    root, _ = trained
+    checkpoint = str(root / "checkpoints" / "last.ckpt")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 1), np.int16), np.eye(4)), flat)
+    cases = {
+        "missing input": ["--checkpoint", checkpoint, "--input", str(tmp_path / "nope.nii.gz")],
+        "2D image": ["--checkpoint", checkpoint, "--input", str(flat)],
+        "missing checkpoint": ["--checkpoint", str(tmp_path / "none.ckpt"), "--input", str(flat)],
+        "bad device": ["--checkpoint", checkpoint, "--input", str(flat), "--device", "tpu"],
+    }
+    for name, args in cases.items():
+        code = segment_main([*args, "--prompt", "liver", "--output", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and error.startswith("error:") and "\n" not in error, name
+    assert not (tmp_path / "out").exists()
+
+
+class Payload:
+    """An arbitrary object: loading it would run unpickling code."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(path)
+
+
+def test_resume_at_the_phase_boundary_continues_like_the_uninterrupted_run(phantom_registry, tmp_path):
+    L.seed_everything(0)
+    straight = module()
+    trainer(tmp_path / "a", 3).fit(straight, data_module(phantom_registry, tmp_path / "cache"))
+    L.seed_everything(0)
+    first = module()
+    trainer(tmp_path / "b", 2).fit(first, data_module(phantom_registry, tmp_path / "cache"))
+    L.seed_everything(1)  # a different global seed must not matter after resuming
+    resumed = module()
+    trainer(tmp_path / "b", 3).fit(
+        resumed,
+        data_module(phantom_registry, tmp_path / "cache"),
+        ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+    )
+    assert resumed.phase == 2
+    for (name, a), (_, b) in zip(straight.network.state_dict().items(), resumed.network.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_few_shot_routes_prunes_and_freezes_the_encoder(trained, fewshot_registry, tmp_path):
+    root, _ = trained
+    model = module(
+        init_checkpoint=str(root / "checkpoints" / "last.ckpt"),
+        finetune_prompt="renal artery",
+        joint_epochs=0,
+        path_epochs=0,
+    )
+    data = data_module(fewshot_registry, tmp_path / "cache", shots=1, prompts_per_image=1)
+    trainer(tmp_path / "fewshot", 1).fit(model, data)
+    assert all(len(p.sub_pathways) == 1 for p in model.network.pathways)
+    state = read_checkpoint(root / "checkpoints" / "last.ckpt")["state_dict"]
+    encoder = model.network.encoder.state_dict()
+    assert all(torch.equal(state[f"network.encoder.{k}"], v) for k, v in encoder.items())
+    decoder = model.network.decoder.state_dict()
+    assert any(not torch.equal(state[f"network.decoder.{k}"], v) for k, v in decoder.items())
+    assert len(data.train_cases["PhantomRenalArtery"]) == 1 and len(data.val_cases) == 2
+
+
+def test_few_shot_bad_input(phantom_registry, fewshot_registry, tmp_path):
+    with pytest.raises(ValueError, match="finetune_prompt is empty"):
+        module(init_checkpoint="x.ckpt", finetune_prompt=" ")
+    with pytest.raises(ValueError, match="shots must be at least 1"):
+        data_module(fewshot_registry, tmp_path, shots=0)
+    with pytest.raises(ValueError, match="leaves no validation case"):
+        data_module(fewshot_registry, tmp_path, shots=3).setup()
+
+
+def test_checkpoint_of_another_configuration_names_the_mismatch(trained, tmp_path, fewshot_registry):
+    root, _ = trained
+    model = module(
+        init_checkpoint=str(root / "checkpoints" / "last.ckpt"),
+        finetune_prompt="renal artery",
+        decoder_channels=(32, 24, 16, 16, 8, 8),
+    )
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        trainer(tmp_path / "x", 1).fit(model, data_module(fewshot_registry, tmp_path / "cache", shots=1))
