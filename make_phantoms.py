@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from datamodules.phantoms import DATASETS, FEW_SHOT_DATASET, PRESETS, save_preview, write_dataset
+from datamodules.phantoms import DATASETS, FEW_SHOT_DATASET, PRESETS, write_dataset
+from inference.preview import save_preview
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ temporary name and renamed, so an interrupted run leaves no partial mask.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import warnings
@@ -19,12 +20,14 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
+from scipy import ndimage
 from tqdm import tqdm
 
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import IMAGE_SUFFIXES
 from datamodules.volumes import BadCaseError, read_image
 from inference.checkpoints import CheckpointError, LoadedModel, load_model
+from inference.preview import save_preview
 from inference.sliding_window import predict_volume
 from networks.text_encoders import PromptEmbedder, build_text_encoder
 
@@ -84,34 +87,71 @@ def prompt_embeddings(model: LoadedModel, prompts: list[str]) -> torch.Tensor:
 
 def segment_case(
     model: LoadedModel, image: tio.ScalarImage, embeddings: torch.Tensor, args: argparse.Namespace
-) -> torch.Tensor:
-    """Binary masks (P, ...) on the input grid."""
+) -> np.ndarray:
+    """Binary masks (P, ...) on the input grid; on GPU out-of-memory, retried with one window a batch."""
     preprocessing = Preprocessing(**model.preprocessing)
     spacing = preprocessing.closest_spacing(tuple(float(s) for s in image.spacing))
     prepared = preprocessing.prepare(tio.Subject(image=image), spacing)["image"]
     device = torch.device(args.device)
     model.network.to(device)
-    probabilities = predict_volume(
-        model.network,
-        prepared.data[None].to(device),
-        embeddings.to(device),
-        args.roi,
-        args.overlap,
-        args.sw_batch_size,
-        sw_device=device,
-        device=torch.device("cpu"),
-    )
-    restored = Preprocessing.restore(probabilities.cpu(), prepared.affine, image)
-    return restored > 0.5
+
+    def predict(sw_batch_size: int) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return predict_volume(
+                model.network,
+                prepared.data[None].to(device),
+                embeddings.to(device),
+                args.roi,
+                args.overlap,
+                sw_batch_size,
+                sw_device=device,
+                device=torch.device("cpu"),
+            )
+
+    try:
+        probabilities = predict(args.sw_batch_size)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print(f"GPU out of memory: retrying with 1 window a batch (was {args.sw_batch_size})", file=sys.stderr)
+        probabilities = predict(1)
+    masks = (Preprocessing.restore(probabilities.cpu(), prepared.affine, image) > 0.5).numpy()
+    if args.largest_component:
+        masks = np.stack([largest_component(m) for m in masks])
+    return masks
 
 
-def write_masks(folder: Path, masks: torch.Tensor, prompts: list[str], affine: np.ndarray) -> None:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component (clean-up for organs)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if count < 2:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, range(1, count + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _save(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    temporary = target.with_name(f".tmp-{target.name}")
+    nib.save(nib.Nifti1Image(array, affine), temporary)
+    temporary.replace(target)
+
+
+def write_outputs(
+    folder: Path, masks: np.ndarray, prompts: list[str], image: tio.ScalarImage, args: argparse.Namespace
+) -> None:
+    """One uint8 mask per prompt; optionally a label map with a JSON legend and a PNG preview."""
     folder.mkdir(parents=True, exist_ok=True)
     for prompt, mask in zip(prompts, masks):
-        target = folder / f"{slug(prompt)}.nii.gz"
-        temporary = folder / f".tmp-{target.name}"
-        nib.save(nib.Nifti1Image(mask.numpy().astype(np.uint8), affine), temporary)
-        temporary.replace(target)
+        _save(mask.astype(np.uint8), image.affine, folder / f"{slug(prompt)}.nii.gz")
+    if args.label_map or args.preview:
+        label_map = np.zeros(masks.shape[1:], np.uint8)
+        for value, mask in enumerate(masks, start=1):  # later prompts overwrite earlier ones
+            label_map[mask] = value
+        legend = {prompt: value for value, prompt in enumerate(prompts, start=1)}
+    if args.label_map:
+        _save(label_map, image.affine, folder / "labels.nii.gz")
+        (folder / "labels.json").write_text(json.dumps(legend, indent=2))
+    if args.preview:
+        save_preview(folder / "preview.png", image.data[0].numpy(), label_map)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,6 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--roi", type=int, default=None, help="sliding-window edge; default the validation window of training"
     )
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
+    parser.add_argument("--largest-component", action="store_true", help="keep each mask's largest connected component")
+    parser.add_argument("--label-map", action="store_true", help="also write labels.nii.gz with a labels.json legend")
+    parser.add_argument("--preview", action="store_true", help="also write preview.png (axial, coronal, sagittal)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
@@ -151,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
     images = {name: read_image(path) for name, path in cases}  # read all first: no output for bad input
     for name, image in tqdm(images.items(), desc="cases", disable=len(images) < 2):
         masks = segment_case(model, image, embeddings, args)
-        write_masks(args.output / name, masks, args.prompt, image.affine)
+        write_outputs(args.output / name, masks, args.prompt, image, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.config_logging import SaveAndLogConfig
 from datamodules.multitask import MultiTaskDataModule
 from lightning_modules.prompt_seg_module import PromptSegModule
 
@@ -11,6 +12,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
         PromptSegModule,
         MultiTaskDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -32,14 +32,14 @@ def plot_routes(routes: dict[str, tuple[int, ...]], num_paths: int, path: Path) 
 
 
 class RoutingHeatmap(L.Callback):
-    """After each validation, plot ``module.task_routes`` into the run folder and log it to W&B."""
+    """After each validation, plot the task prompts' routes into the run folder and log it to W&B."""
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not module.task_routes or not trainer.is_global_zero:
+        if trainer.sanity_checking or not module.task_prompts or not trainer.is_global_zero:
             return
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
         path = plot_routes(
-            module.task_routes, module.hparams.num_paths, folder / f"epoch{trainer.current_epoch:04d}.png"
+            module.current_routes(), module.hparams.num_paths, folder / f"epoch{trainer.current_epoch:04d}.png"
         )
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):

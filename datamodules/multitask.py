@@ -173,6 +173,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     Args:
         registry: YAML listing the data sets, formats and prompts (see ``datamodules/registry.py``).
         cache_dir: on-disk cache of preprocessed volumes.
+        use_cache: keep preprocessed volumes on disk (off: resample from the source files each time).
         spacing_candidates: isotropic spacings (mm) a sample is resampled to (paper: 0.6, 1.0, 1.5).
         random_spacing_probability: chance of a random candidate instead of the closest (paper: 0.1).
         window_level: HU window centre (paper: 0).
@@ -199,6 +200,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self,
         registry: str = "configs/data/phantoms.yaml",
         cache_dir: str = "data/cache",
+        use_cache: bool = True,
         spacing_candidates: tuple[float, ...] = (0.6, 1.0, 1.5),
         random_spacing_probability: float = 0.1,
         window_level: float = 0.0,
@@ -233,7 +235,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.shots must be at least 1, got {shots}")
         self.registry = registry
         self.preprocessing = Preprocessing(spacing_candidates, random_spacing_probability, window_level, window_width)
-        self.cache = VolumeCache(cache_dir, self.preprocessing)
+        self.cache = VolumeCache(cache_dir, self.preprocessing, use_cache)
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.prompts_per_image = prompts_per_image

@@ -480,22 +480,3 @@ def write_dataset(
         if on_case is not None:
             on_case(folder / name, image, labels)
     return folder
-
-
-def save_preview(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
-    """PNG of the middle slice along each axis with the labels overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for axis, ax in enumerate(axes):
-        index = image.shape[axis] // 2
-        ax.imshow(np.take(image, index, axis=axis).T, cmap="gray", vmin=-900, vmax=900, origin="lower", aspect="auto")
-        overlay = np.ma.masked_equal(np.take(labels, index, axis=axis).T, 0)
-        ax.imshow(overlay, cmap="tab20", alpha=0.5, origin="lower", aspect="auto", interpolation="nearest")
-        ax.set_axis_off()
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)

@@ -124,11 +124,13 @@ class VolumeCache:
     Args:
         folder: where the cached volumes live.
         preprocessing: the shared preprocessing.
+        enabled: when False, every load preprocesses from the source files and nothing is written.
     """
 
-    def __init__(self, folder: str | Path, preprocessing: Preprocessing) -> None:
+    def __init__(self, folder: str | Path, preprocessing: Preprocessing, enabled: bool = True) -> None:
         self.folder = Path(folder)
         self.preprocessing = preprocessing
+        self.enabled = enabled
         self.hits = 0
         self.misses = 0
 
@@ -140,7 +142,7 @@ class VolumeCache:
 
     def load(self, case: Case, spacing: float, known_values: set[int]) -> PreparedVolume:
         path = self.folder / f"{case.dataset}-{case.case_id}-{self.key(case, spacing)}.pt"
-        if path.is_file():
+        if self.enabled and path.is_file():
             self.hits += 1
             stored = torch.load(path, map_location="cpu", weights_only=True)
             return PreparedVolume(stored["image"], stored["labels"], stored["affine"].numpy(), spacing)
@@ -149,6 +151,8 @@ class VolumeCache:
         volume = PreparedVolume(
             prepared["image"].data.half(), prepared["label"].data[0].to(torch.uint8), prepared["image"].affine, spacing
         )
+        if not self.enabled:
+            return volume
         self.folder.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         torch.save(

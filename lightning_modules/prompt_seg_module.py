@@ -51,6 +51,11 @@ class PromptSegModule(L.LightningModule):
         path_epochs: phase-2 epochs (paper: 1000).
         temperature_start: Gumbel-softmax temperature at the first epoch.
         temperature_end: temperature reached at the end of phase 1 (exponential decay).
+        gumbel_noise_start: Gumbel noise scale at the first epoch (1 is the standard estimator).
+        gumbel_noise_end: noise scale reached at the end of phase 1 (linear). Less noise means
+            less random exploration of routes; with none, a prompt trains the sub-pathways its
+            router currently prefers, which short runs need (a route redrawn every step trains
+            six times slower and cannot settle).
         balance_weight: weight of the load-balancing term against routing collapse.
         cldice_weight: weight of the soft-clDice term on tubular tasks.
         sw_roi: sliding-window edge (voxels) for validation.
@@ -82,6 +87,8 @@ class PromptSegModule(L.LightningModule):
         path_epochs: int = 1000,
         temperature_start: float = 1.0,
         temperature_end: float = 0.3,
+        gumbel_noise_start: float = 1.0,
+        gumbel_noise_end: float = 0.0,
         balance_weight: float = 0.01,
         cldice_weight: float = 0.5,
         sw_roi: int = 96,
@@ -117,6 +124,7 @@ class PromptSegModule(L.LightningModule):
         self.phase = 1
         self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.task_routes: dict[str, tuple[int, ...]] = {}
+        self.overlay_sample: tuple | None = None  # first validation volume, for the overlay callback
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -182,7 +190,10 @@ class PromptSegModule(L.LightningModule):
         if self.phase == 1:
             progress = epoch / max(self.hparams.joint_epochs - 1, 1)
             start, end = self.hparams.temperature_start, self.hparams.temperature_end
-            self.network.set_temperature(start * (end / start) ** progress)
+            noise_start, noise_end = self.hparams.gumbel_noise_start, self.hparams.gumbel_noise_end
+            self.network.set_routing_schedule(
+                start * (end / start) ** progress, noise_start + (noise_end - noise_start) * progress
+            )
         self.log("train/phase", float(self.phase))
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -220,6 +231,8 @@ class PromptSegModule(L.LightningModule):
             self.hparams.sw_overlap,
             self.hparams.sw_batch_size,
         )
+        if batch_idx == 0:
+            self.overlay_sample = (batch["image"][0, 0].cpu().numpy(), probabilities.cpu().numpy(), batch["prompts"])
         for prompt, probability, mask, tubular in zip(
             batch["prompts"], probabilities, batch["masks"], batch["tubular"]
         ):
@@ -235,8 +248,12 @@ class PromptSegModule(L.LightningModule):
                 self.log(f"val/{metric}/{prompt}", value)
             self.log(f"val/mean_{metric}", float(np.mean(list(means.values()))), prog_bar=metric == "dice")
         self.validation_scores.clear()
+        self.task_routes = self.current_routes()
+
+    def current_routes(self) -> dict[str, tuple[int, ...]]:
+        """Each task prompt's inference route (one sub-pathway index per level)."""
         routes = self.network.routes(self.embed(self.task_prompts))
-        self.task_routes = {p: tuple(r.tolist()) for p, r in zip(self.task_prompts, routes)}
+        return {p: tuple(r.tolist()) for p, r in zip(self.task_prompts, routes)}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

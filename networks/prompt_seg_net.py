@@ -72,10 +72,11 @@ class PromptSegNet(nn.Module):
     def pathways(self) -> nn.ModuleList:
         return self.decoder.pathways
 
-    def set_temperature(self, temperature: float) -> None:
-        """Gumbel-softmax temperature of every router."""
+    def set_routing_schedule(self, temperature: float, noise_scale: float) -> None:
+        """Gumbel-softmax temperature and noise scale of every router."""
         for pathway in self.pathways:
             pathway.temperature = temperature
+            pathway.noise_scale = noise_scale
 
     @torch.no_grad()
     def routes(self, prompt_embedding: torch.Tensor) -> torch.Tensor:

@@ -30,11 +30,22 @@ class Router(nn.Module):
         return self.layers(prompt_embedding)
 
 
-def route_weights(logits: torch.Tensor, training: bool, temperature: float) -> torch.Tensor:
-    """One-hot path weights (N, M): hard Gumbel softmax in training, argmax otherwise."""
-    if training:
-        return F.gumbel_softmax(logits, tau=temperature, hard=True)
-    return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+def route_weights(logits: torch.Tensor, training: bool, temperature: float, noise_scale: float = 1.0) -> torch.Tensor:
+    """One-hot path weights (N, M).
+
+    Training: straight-through Gumbel softmax, ``softmax((logits + noise_scale * g) / temperature)``
+    with ``g`` Gumbel noise; the forward value is its one-hot argmax, the gradient that of the soft
+    probabilities. ``noise_scale`` 1 is the standard estimator; smaller values explore less (the
+    hard choice is ``argmax(logits + noise_scale * g)``, which the temperature does not change).
+    Otherwise: the one-hot argmax of the logits, no noise.
+    """
+    hard = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    if not training:
+        return hard
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    soft = ((logits + noise_scale * gumbel) / temperature).softmax(dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    return hard - soft.detach() + soft
 
 
 def balance_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -61,6 +72,7 @@ class AutomaticPathway(nn.Module):
         self.sub_pathways = nn.ModuleDict({str(k): p for k, p in enumerate(sub_pathways)})
         self.router = Router(embedding_dim, self.num_paths, router_hidden_dim)
         self.temperature = 1.0
+        self.noise_scale = 1.0
         self.fixed_routes = False  # argmax routing in training too (phase 2, few-shot)
 
     @property
@@ -70,7 +82,9 @@ class AutomaticPathway(nn.Module):
     def choose(self, prompt_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits (N, M) and one-hot weights (N, M) for a batch of prompt embeddings."""
         logits = self.router(prompt_embedding)
-        return logits, route_weights(logits, self.training and not self.fixed_routes, self.temperature)
+        return logits, route_weights(
+            logits, self.training and not self.fixed_routes, self.temperature, self.noise_scale
+        )
 
     def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run, for each sample, the sub-pathway its one-hot ``weights`` row selects."""

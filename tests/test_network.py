@@ -112,3 +112,17 @@ def test_export_params_command_prints_one_json_line(capsys):
     assert main(["--config", "configs/paper.yaml", "--params"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("{") and "params_full" in line and "\n" not in line
+
+
+def test_routing_noise_scale_controls_exploration():
+    from networks.routing import route_weights
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0, 0.0]]).repeat(2000, 1)
+    greedy = route_weights(logits, training=True, temperature=1.0, noise_scale=0.0)
+    noisy = route_weights(logits, training=True, temperature=1.0, noise_scale=1.0)
+    assert torch.equal(greedy.argmax(1), torch.zeros(2000, dtype=torch.long))
+    share = (noisy.argmax(1) == 0).float().mean().item()
+    expected = torch.softmax(logits[0], 0)[0].item()  # Gumbel-max samples the softmax
+    assert share == pytest.approx(expected, abs=0.03)
+    assert torch.allclose(noisy.sum(1), torch.ones(2000))

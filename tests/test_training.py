@@ -119,7 +119,8 @@ def test_pruning_export_matches_the_full_model_for_its_prompts(trained, tmp_path
 
 def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, phantom_root, tmp_path):
     root, _ = trained
-    image = sorted((phantom_root / "Dataset001_PhantomAbdomen" / "imagesTr").glob("*.nii.gz"))[0]
+    images = sorted(phantom_root.glob("Dataset00[123]_*/imagesTr/*.nii.gz"))
+    image = next(p for p in images if nib.aff2axcodes(nib.load(p).affine) != ("R", "A", "S"))  # not RAS, anisotropic
     args = [
         "--checkpoint",
         str(root / "checkpoints" / "trimmed.pt"),
@@ -139,7 +140,7 @@ def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, p
     assert segment_main(args) == 0
     source = nib.load(image)
     for slug in ("liver", "aorta"):
-        mask = nib.load(tmp_path / "out" / "case_000_0000" / f"{slug}.nii.gz")
+        mask = nib.load(tmp_path / "out" / image.name.removesuffix(".nii.gz") / f"{slug}.nii.gz")
         assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
     assert segment_main(args) == 2  # exists, no --overwrite
@@ -149,8 +150,9 @@ def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, p
     full_args[full_args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
     assert segment_main(full_args) == 0
     for slug in ("liver", "aorta"):
-        a = np.asanyarray(nib.load(tmp_path / "out" / "case_000_0000" / f"{slug}.nii.gz").dataobj)
-        b = np.asanyarray(nib.load(tmp_path / "full" / "case_000_0000" / f"{slug}.nii.gz").dataobj)
+        case = image.name.removesuffix(".nii.gz")
+        a = np.asanyarray(nib.load(tmp_path / "out" / case / f"{slug}.nii.gz").dataobj)
+        b = np.asanyarray(nib.load(tmp_path / "full" / case / f"{slug}.nii.gz").dataobj)
         assert np.array_equal(a, b)
 
 
@@ -239,3 +241,161 @@ def test_checkpoint_of_another_configuration_names_the_mismatch(trained, tmp_pat
     )
     with pytest.raises(CheckpointError, match="shape mismatch"):
         trainer(tmp_path / "x", 1).fit(model, data_module(fewshot_registry, tmp_path / "cache", shots=1))
+
+
+def test_export_command_writes_a_trimmed_model_and_names_unknown_prompts(trained, tmp_path, capsys):
+    from export import main as export_main
+
+    root, _ = trained
+    checkpoint = str(root / "checkpoints" / "last.ckpt")
+    assert export_main(["--checkpoint", checkpoint, "--prompt", "liver", "--output", str(tmp_path / "liver.pt")]) == 0
+    before_after = capsys.readouterr().out
+    assert "params_before" in before_after and (tmp_path / "liver.pt").is_file()
+    assert load_model(tmp_path / "liver.pt").network.pathways[0].kept_paths.__len__() == 1
+    assert (
+        export_main(["--checkpoint", checkpoint, "--prompt", "kidney stone", "--output", str(tmp_path / "x.pt")]) == 2
+    )
+    assert "no embedding" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_ddp_on_two_cpu_processes(phantom_registry, tmp_path):
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",  # routing leaves unselected sub-pathways without gradient
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--model.feature_size",
+        "12",
+        "--model.decoder_channels",
+        "[24, 24, 16, 16, 8, 8]",
+        "--model.num_paths",
+        "3",
+        "--model.router_hidden_dim",
+        "16",
+        "--data.registry",
+        str(phantom_registry),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.samples_per_epoch",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--data.prompts_per_image",
+        "2",
+        "--data.spacing_candidates",
+        "[3.0]",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_epochs=1" in result.stderr + result.stdout
+
+
+def write_dicom_series(source: Path, folder: Path) -> None:
+    """Write a NIfTI volume as a CT DICOM series (one file per slice), geometry preserved."""
+    import SimpleITK as sitk
+
+    image = sitk.Cast(sitk.ReadImage(str(source)), sitk.sitkInt16)
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(
+        f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+    )
+    for index in range(image.GetDepth()):
+        slice_image = image[:, :, index]
+        position = image.TransformIndexToPhysicalPoint((0, 0, index))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0013": str(index + 1),
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{index:04d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_dicom_series_segments_like_its_nifti_twin_with_label_map_and_preview(trained, phantom_root, tmp_path):
+    root, _ = trained
+    nifti = sorted((phantom_root / "Dataset002_PhantomThorax" / "imagesTr").glob("*.nii.gz"))[1]
+    write_dicom_series(nifti, tmp_path / "dicom" / "series")
+    common = [
+        "--checkpoint",
+        str(root / "checkpoints" / "last.ckpt"),
+        "--prompt",
+        "lung",
+        "--prompt",
+        "aorta",
+        "--device",
+        "cpu",
+        "--overlap",
+        "0.25",
+    ]
+    assert (
+        segment_main(
+            [
+                *common,
+                "--input",
+                str(nifti),
+                "--output",
+                str(tmp_path / "a"),
+                "--label-map",
+                "--preview",
+                "--largest-component",
+            ]
+        )
+        == 0
+    )
+    assert (
+        segment_main(
+            [
+                *common,
+                "--input",
+                str(tmp_path / "dicom" / "series"),
+                "--output",
+                str(tmp_path / "b"),
+                "--largest-component",
+            ]
+        )
+        == 0
+    )
+    case = next((tmp_path / "a").iterdir())
+    assert (case / "labels.nii.gz").is_file() and (case / "preview.png").stat().st_size > 0
+    assert __import__("json").loads((case / "labels.json").read_text()) == {"lung": 1, "aorta": 2}
+    for slug in ("lung", "aorta"):
+        from_nifti = nib.load(case / f"{slug}.nii.gz")
+        from_dicom = nib.load(tmp_path / "b" / "series" / f"{slug}.nii.gz")
+        # DICOM is stored in LPS slice order; compare in the common RAS world through the affines.
+        a = nib.as_closest_canonical(from_nifti)
+        b = nib.as_closest_canonical(from_dicom)
+        assert np.allclose(a.affine, b.affine, atol=1e-3)
+        assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
