@@ -62,3 +62,23 @@ def test_paired_t_test_matches_scipy_and_marks_significance():
 def test_missing_ground_truth_is_one_line(tmp_path, capsys):
     assert main(["--pred", str(tmp_path), "--gt", str(tmp_path / "none"), "--output", str(tmp_path / "e")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_few_shot_table_compares_each_baseline_with_ours(tmp_path):
+    from fewshot_experiment import write_outputs
+
+    rows = []
+    jitter = [0.01, -0.01, 0.02, -0.02, 0.0]  # sole-path: no systematic difference from ours
+    for method, offset in (("ours", 0.0), ("SwinUNETR", -0.3), ("sole-path (M = 1)", 0.0)):
+        for case in range(5):
+            value = 0.8 + 0.02 * case + offset + (0.01 * case if method == "SwinUNETR" else 0.0)
+            value += jitter[case] if method == "sole-path (M = 1)" else 0.0
+            rows.append(
+                {"method": method, "shots": 1, "case": str(case), "task": "renal artery"}
+                | {"Dice": value, "clDice": value, "Tsens": value, "Tprec": value}
+            )
+    table = write_outputs(rows, tmp_path)
+    assert (tmp_path / "per_case.csv").is_file() and (tmp_path / "table.md").read_text() == table
+    swin_row = next(line for line in table.splitlines() if line.startswith("| Dice | SwinUNETR |"))
+    sole_row = next(line for line in table.splitlines() if line.startswith("| Dice | sole-path"))
+    assert swin_row.endswith("* |") and not sole_row.endswith("* |")
