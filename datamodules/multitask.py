@@ -301,7 +301,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _read_spacing(self, case: Case, known_values: set[int]) -> tuple[float, ...]:
         subject = read_case(case, known_values)
         spacing = tuple(float(s) for s in subject["image"].spacing)
-        self.cache.load(case, self.preprocessing.closest_spacing(spacing), known_values)
+        self.cache.load(case, self.preprocessing.closest_spacing(spacing), known_values, subject)
         return spacing
 
     def case_spacing(self, case: Case) -> tuple[float, ...]:

@@ -140,14 +140,17 @@ class VolumeCache:
         payload = json.dumps([self.preprocessing.as_dict(), spacing, stamp], sort_keys=True, default=str)
         return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
-    def load(self, case: Case, spacing: float, known_values: set[int]) -> PreparedVolume:
+    def load(
+        self, case: Case, spacing: float, known_values: set[int], subject: tio.Subject | None = None
+    ) -> PreparedVolume:
+        """The case at ``spacing``, from the cache or preprocessed now (from ``subject`` if already read)."""
         path = self.folder / f"{case.dataset}-{case.case_id}-{self.key(case, spacing)}.pt"
         if self.enabled and path.is_file():
             self.hits += 1
             stored = torch.load(path, map_location="cpu", weights_only=True)
             return PreparedVolume(stored["image"], stored["labels"], stored["affine"].numpy(), spacing)
         self.misses += 1
-        prepared = self.preprocessing.prepare(read_case(case, known_values), spacing)
+        prepared = self.preprocessing.prepare(subject or read_case(case, known_values), spacing)
         volume = PreparedVolume(
             prepared["image"].data.half(), prepared["label"].data[0].to(torch.uint8), prepared["image"].affine, spacing
         )
