@@ -14,18 +14,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from inference.checkpoints import CheckpointError, load_model, save_trimmed
+from inference.checkpoints import NETWORK_ARGS, CheckpointError, load_model, save_trimmed
 from networks.prompt_seg_net import PromptSegNet, count_parameters
 
-NETWORK_KEYS = (
-    "feature_size",
-    "decoder_channels",
-    "num_paths",
-    "router_hidden_dim",
-    "prompt_head",
-    "encoder_depths",
-    "window_size",
-)
+NETWORK_KEYS = tuple(k for k in NETWORK_ARGS if k != "embedding_dim")  # the embedding size comes from the text encoder
 EMBEDDING_DIMS = {"minilm": 384, "open_clip": 512}
 
 

@@ -27,7 +27,7 @@ from datamodules.preprocessing import Preprocessing
 from datamodules.registry import IMAGE_SUFFIXES
 from datamodules.volumes import BadCaseError, read_image
 from inference.checkpoints import CheckpointError, LoadedModel, load_model
-from inference.preview import save_preview
+from inference.preview import label_map, save_preview
 from inference.sliding_window import predict_volume
 from networks.text_encoders import PromptEmbedder, build_text_encoder
 
@@ -143,15 +143,13 @@ def write_outputs(
     for prompt, mask in zip(prompts, masks):
         _save(mask.astype(np.uint8), image.affine, folder / f"{slug(prompt)}.nii.gz")
     if args.label_map or args.preview:
-        label_map = np.zeros(masks.shape[1:], np.uint8)
-        for value, mask in enumerate(masks, start=1):  # later prompts overwrite earlier ones
-            label_map[mask] = value
-        legend = {prompt: value for value, prompt in enumerate(prompts, start=1)}
+        labels = label_map(masks)  # later prompts overwrite earlier ones
     if args.label_map:
-        _save(label_map, image.affine, folder / "labels.nii.gz")
+        _save(labels, image.affine, folder / "labels.nii.gz")
+        legend = {prompt: value for value, prompt in enumerate(prompts, start=1)}
         (folder / "labels.json").write_text(json.dumps(legend, indent=2))
     if args.preview:
-        save_preview(folder / "preview.png", image.data[0].numpy(), label_map)
+        save_preview(folder / "preview.png", image.data[0].numpy(), labels)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 
-from inference.preview import save_preview
+from inference.preview import label_map, save_preview
 
 
 class SegmentationOverlays(L.Callback):
@@ -18,13 +17,10 @@ class SegmentationOverlays(L.Callback):
         if trainer.sanity_checking or sample is None or not trainer.is_global_zero:
             return
         image, probabilities, prompts = sample
-        labels = np.zeros(probabilities.shape[1:], np.uint8)
-        for value, probability in enumerate(probabilities, start=1):
-            labels[probability > 0.5] = value
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"epoch{trainer.current_epoch:04d}.png"
-        save_preview(path, (image * 1800.0 - 900.0), labels)  # windowed [0, 1] back to HU for display
+        save_preview(path, image, label_map(probabilities > 0.5), window=(0.0, 1.0))  # image is windowed to [0, 1]
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(

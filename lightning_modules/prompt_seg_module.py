@@ -248,7 +248,6 @@ class PromptSegModule(L.LightningModule):
                 self.log(f"val/{metric}/{prompt}", value)
             self.log(f"val/mean_{metric}", float(np.mean(list(means.values()))), prog_bar=metric == "dice")
         self.validation_scores.clear()
-        self.task_routes = self.current_routes()
 
     def current_routes(self) -> dict[str, tuple[int, ...]]:
         """Each task prompt's inference route (one sub-pathway index per level)."""

@@ -39,9 +39,8 @@ def route_weights(logits: torch.Tensor, training: bool, temperature: float, nois
     hard choice is ``argmax(logits + noise_scale * g)``, which the temperature does not change).
     Otherwise: the one-hot argmax of the logits, no noise.
     """
-    hard = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
     if not training:
-        return hard
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
     gumbel = -torch.empty_like(logits).exponential_().log()
     soft = ((logits + noise_scale * gumbel) / temperature).softmax(dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
