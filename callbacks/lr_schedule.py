@@ -19,7 +19,9 @@ def warm_restart_factor(t: float, warmup: float, period: float, period_mult: flo
 
 
 class CosineWarmRestarts(L.Callback):
-    """Sets every optimiser group's lr to ``base_lr * factor`` each epoch or step, and logs it.
+    """Sets every optimiser group's lr to ``lr * lr_scale * factor`` each epoch or step, and logs it.
+
+    ``lr`` is the module's ``hparams.lr``; ``lr_scale`` an optional entry of the group (default 1).
 
     The schedule starts again (warm-up included) when phase 2 begins, since the optimiser is
     rebuilt there.
@@ -61,7 +63,7 @@ class CosineWarmRestarts(L.Callback):
         )
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = module.hparams.lr * factor
+                group["lr"] = module.hparams.lr * group.get("lr_scale", 1.0) * factor
         module.log("train/lr", module.hparams.lr * factor)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:

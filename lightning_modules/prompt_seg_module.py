@@ -57,6 +57,9 @@ class PromptSegModule(L.LightningModule):
             router currently prefers, which short runs need (a route redrawn every step trains
             six times slower and cannot settle).
         balance_weight: weight of the load-balancing term against routing collapse.
+        router_lr_scale: the routers' learning rate as a fraction of ``lr``. Below 1, routes change
+            less often while the sub-pathways learn: each change hands a prompt to a sub-pathway
+            that has not learned it, which short runs cannot afford (paper: 1).
         cldice_weight: weight of the soft-clDice term on tubular tasks.
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
@@ -90,6 +93,7 @@ class PromptSegModule(L.LightningModule):
         gumbel_noise_start: float = 1.0,
         gumbel_noise_end: float = 0.0,
         balance_weight: float = 0.01,
+        router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
@@ -200,10 +204,15 @@ class PromptSegModule(L.LightningModule):
         torch.manual_seed(int(np.random.SeedSequence([self.hparams.seed, self.global_step]).generate_state(1)[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        parameters = [p for p in self.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
-            parameters, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
-        )
+        """AdamW; the routers' group runs at ``router_lr_scale`` times the lr (``lr_scale`` in the group)."""
+        trainable = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+        routers = [p for n, p in trainable if ".router." in n]
+        groups = [
+            {"params": [p for n, p in trainable if ".router." not in n], "lr_scale": 1.0},
+            {"params": routers, "lr_scale": self.hparams.router_lr_scale},
+        ]
+        groups = [dict(g, lr=self.hparams.lr * g["lr_scale"]) for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

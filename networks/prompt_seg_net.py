@@ -35,6 +35,11 @@ class PromptSegNet(nn.Module):
     Inputs of any size are zero-padded up to a multiple of 32 (at least 64) per axis and the output
     is cropped back.
 
+    Each prompt embedding is standardised (zero mean, unit variance over its features, no learned
+    parameters) before the routers and the head see it: text encoders return unit-norm vectors whose
+    entries are about ``1/sqrt(E)``, which under Adam makes the prompt conditioning learn about
+    ``sqrt(E)`` times slower than the rest of the network.
+
     Args:
         in_channels: image channels.
         embedding_dim: size of the prompt embedding (512 for CLIP ViT-B-32, 384 for MiniLM).
@@ -81,7 +86,7 @@ class PromptSegNet(nn.Module):
     @torch.no_grad()
     def routes(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
         """Inference routes (P, levels): the argmax of each level's router logits, no noise."""
-        logits = self.decoder.router_logits(prompt_embedding)
+        logits = self.decoder.router_logits(standardise(prompt_embedding))
         return torch.stack([level.argmax(dim=-1) for level in logits], dim=1)
 
     def forward(
@@ -103,6 +108,7 @@ class PromptSegNet(nn.Module):
             if prompt_embedding.shape[0] != image.shape[0]:
                 raise ValueError("give image_index when the prompts do not pair one-to-one with images")
             image_index = torch.arange(image.shape[0], device=image.device)
+        prompt_embedding = standardise(prompt_embedding)
         size = image.shape[2:]
         padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE)
         hidden = self.encoder(padded)
@@ -132,6 +138,11 @@ class PromptSegNet(nn.Module):
         for level, pathway in enumerate(trimmed.pathways):
             pathway.keep_only(set(routes[:, level].tolist()))
         return trimmed.eval()
+
+
+def standardise(prompt_embedding: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance over the features of each embedding (layer norm, no parameters)."""
+    return F.layer_norm(prompt_embedding, prompt_embedding.shape[-1:])
 
 
 def _pad_to_multiple(image: torch.Tensor, divisor: int, minimum: int) -> torch.Tensor:

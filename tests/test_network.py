@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from export import network_from_config, parameter_counts
+from networks.head import FOREGROUND_PRIOR
 from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups
 from networks.routing import AutomaticPathway, balance_loss
 from tests.conftest import TINY_NETWORK
@@ -126,3 +127,22 @@ def test_routing_noise_scale_controls_exploration():
     expected = torch.softmax(logits[0], 0)[0].item()  # Gumbel-max samples the softmax
     assert share == pytest.approx(expected, abs=0.03)
     assert torch.allclose(noisy.sum(1), torch.ones(2000))
+
+
+def test_prompt_embeddings_are_standardised_so_their_scale_does_not_matter():
+    network = tiny().eval()
+    image, prompt = torch.rand(1, 1, 64, 64, 64), torch.randn(2, EMBED)
+    with torch.no_grad():
+        reference = network(image, prompt, torch.zeros(2, dtype=torch.long)).logits
+        rescaled = network(image, 7.0 * prompt + 0.5, torch.zeros(2, dtype=torch.long)).logits
+    assert torch.allclose(reference, rescaled, atol=1e-4)
+    assert torch.equal(network.routes(prompt), network.routes(7.0 * prompt + 0.5))
+
+
+@pytest.mark.parametrize("prompt_head", [True, False])
+def test_heads_start_at_the_foreground_prior(prompt_head):
+    network = tiny(prompt_head=prompt_head)
+    features = torch.zeros(3, TINY_NETWORK["decoder_channels"][-1], 8, 8, 8)
+    probability = torch.sigmoid(network.head(features, torch.randn(3, EMBED)))
+    assert probability.shape == (3, 1, 8, 8, 8)
+    assert torch.allclose(probability, torch.full_like(probability, FOREGROUND_PRIOR), atol=1e-6)

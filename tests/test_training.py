@@ -80,6 +80,23 @@ def trained(phantom_registry, tmp_path_factory) -> tuple[Path, PromptSegModule]:
     return root, model
 
 
+def test_router_lr_scale_survives_the_lr_schedule():
+    model = module(router_lr_scale=0.1, lr=2e-3)
+    optimizer = model.configure_optimizers()
+    router_ids = {id(p) for n, p in model.network.named_parameters() if ".router." in n}
+    lrs = {all(id(p) in router_ids for p in g["params"]): g["lr"] for g in optimizer.param_groups}
+    assert lrs == {False: pytest.approx(2e-3), True: pytest.approx(2e-4)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.network.parameters()))
+
+    class Stub:
+        optimizers = [optimizer]
+        current_epoch = 0
+
+    model.log = lambda *args, **kwargs: None
+    CosineWarmRestarts(warmup=2, period=4)._apply(Stub(), model)  # warm-up factor 0.5
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [pytest.approx(1e-4), pytest.approx(1e-3)]
+
+
 def test_two_phases_freeze_all_but_the_selected_sub_pathways(trained):
     root, model = trained
     assert model.phase == 2
