@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +159,16 @@ class VolumeCache:
         if not self.enabled:
             return volume
         self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        torch.save(
-            {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))},
-            temporary,
-        )
-        temporary.replace(path)
+        # A temporary file of its own per writer: DDP ranks and loader workers may fill one entry at once.
+        descriptor, name = tempfile.mkstemp(dir=self.folder, prefix=f"{path.stem}-", suffix=".tmp")
+        os.close(descriptor)
+        temporary = Path(name)
+        try:
+            torch.save(
+                {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))},
+                temporary,
+            )
+            temporary.replace(path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return volume

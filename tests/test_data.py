@@ -131,6 +131,24 @@ def test_cache_is_reused_and_invalidated(tmp_path, phantom_registry):
     assert other.misses == 1 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
+def test_two_writers_of_one_cache_entry_do_not_collide(tmp_path, phantom_registry, monkeypatch):
+    entry = load_registry(phantom_registry)[0]
+    case, values = entry.cases[0], set(entry.labels.values())
+    first, second = (VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,))) for _ in range(2))
+    save, interleaved = torch.save, []
+
+    def save_while_another_rank_writes(obj, file):  # the second writer runs while the first is mid-write
+        save(obj, file)
+        if not interleaved:
+            interleaved.append(None)
+            interleaved.append(second.load(case, 3.0, values))
+
+    monkeypatch.setattr(torch, "save", save_while_another_rank_writes)
+    volume = first.load(case, 3.0, values)
+    assert torch.equal(volume.image, interleaved[1].image)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+
+
 @pytest.fixture(scope="module")
 def phantom_data(phantom_registry, tmp_path_factory) -> MultiTaskDataModule:
     data = MultiTaskDataModule(
