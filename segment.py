@@ -23,6 +23,7 @@ import torchio as tio
 from scipy import ndimage
 from tqdm import tqdm
 
+from datamodules.files import atomic_write
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import IMAGE_SUFFIXES
 from datamodules.volumes import BadCaseError, read_image
@@ -130,9 +131,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _save(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
-    temporary = target.with_name(f".tmp-{target.name}")
-    nib.save(nib.Nifti1Image(array, affine), temporary)
-    temporary.replace(target)
+    atomic_write(target, lambda temporary: nib.save(nib.Nifti1Image(array, affine), temporary))
 
 
 def write_outputs(

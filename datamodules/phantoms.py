@@ -30,6 +30,8 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from datamodules.files import atomic_write
+
 HU_AIR = -1000.0
 
 
@@ -447,9 +449,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    temporary = path.with_name(".tmp-" + path.name)
-    nib.save(image, temporary)
-    temporary.replace(path)
+    atomic_write(path, lambda temporary: nib.save(image, temporary))
 
 
 def write_dataset(

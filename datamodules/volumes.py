@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import SimpleITK as sitk
 import torch
 import torchio as tio
 
+from datamodules.files import atomic_write
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import Case
 
@@ -159,16 +158,6 @@ class VolumeCache:
         if not self.enabled:
             return volume
         self.folder.mkdir(parents=True, exist_ok=True)
-        # A temporary file of its own per writer: DDP ranks and loader workers may fill one entry at once.
-        descriptor, name = tempfile.mkstemp(dir=self.folder, prefix=f"{path.stem}-", suffix=".tmp")
-        os.close(descriptor)
-        temporary = Path(name)
-        try:
-            torch.save(
-                {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))},
-                temporary,
-            )
-            temporary.replace(path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        stored = {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))}
+        atomic_write(path, lambda temporary: torch.save(stored, temporary))  # DDP ranks may fill one entry at once
         return volume

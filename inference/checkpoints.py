@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.files import atomic_write
 from networks.prompt_seg_net import PromptSegNet
 
 TRIMMED_FORMAT = "prompt-seg-trimmed/1"
@@ -146,19 +147,15 @@ def save_trimmed(model: LoadedModel, prompts: list[str], path: str | Path) -> Pr
     trimmed = model.network.trimmed(embeddings)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(".tmp-" + target.name)
-    torch.save(
-        {
-            "format": TRIMMED_FORMAT,
-            "network_args": model.network_args | model.text | {"sw_roi": model.sw_roi},
-            "state_dict": trimmed.state_dict(),
-            "kept_paths": [p.kept_paths for p in trimmed.pathways],
-            "prompt_embeddings": {p: model.prompt_embeddings[p] for p in prompts},
-            "preprocessing": model.preprocessing,
-            "text_encoder_identity": model.text_identity,
-            "tubular": {p: model.tubular.get(p, False) for p in prompts},
-        },
-        temporary,
-    )
-    temporary.replace(target)
+    checkpoint = {
+        "format": TRIMMED_FORMAT,
+        "network_args": model.network_args | model.text | {"sw_roi": model.sw_roi},
+        "state_dict": trimmed.state_dict(),
+        "kept_paths": [p.kept_paths for p in trimmed.pathways],
+        "prompt_embeddings": {p: model.prompt_embeddings[p] for p in prompts},
+        "preprocessing": model.preprocessing,
+        "text_encoder_identity": model.text_identity,
+        "tubular": {p: model.tubular.get(p, False) for p in prompts},
+    }
+    atomic_write(target, lambda temporary: torch.save(checkpoint, temporary))
     return trimmed

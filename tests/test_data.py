@@ -146,7 +146,7 @@ def test_two_writers_of_one_cache_entry_do_not_collide(tmp_path, phantom_registr
     monkeypatch.setattr(torch, "save", save_while_another_rank_writes)
     volume = first.load(case, 3.0, values)
     assert torch.equal(volume.image, interleaved[1].image)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
 
 
 @pytest.fixture(scope="module")
