@@ -14,18 +14,25 @@ from pathlib import Path
 import torch
 import yaml
 
-from inference.checkpoints import NETWORK_ARGS, CheckpointError, load_model, save_trimmed
+from datamodules.files import check_writable, staged
+from inference.checkpoints import NETWORK_ARGS, OPTIONAL_NETWORK_ARGS, CheckpointError, load_model, save_trimmed
 from networks.prompt_seg_net import PromptSegNet, count_parameters
 
-NETWORK_KEYS = tuple(k for k in NETWORK_ARGS if k != "embedding_dim")  # the embedding size comes from the text encoder
+NETWORK_KEYS = tuple(k for k in (*NETWORK_ARGS, *OPTIONAL_NETWORK_ARGS) if k != "embedding_dim")  # the embedding size comes from the text encoder
 EMBEDDING_DIMS = {"minilm": 384, "open_clip": 512}
+
+
+def model_init_args(config: dict) -> dict:
+    """The model's arguments in a LightningCLI config: ``model.init_args`` (or a bare ``model``)."""
+    model = config.get("model") or {}
+    return model.get("init_args", model) if isinstance(model, dict) else {}
 
 
 def network_from_config(path: Path) -> PromptSegNet:
     """Build the network a LightningCLI config describes, with random weights and no text model."""
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
-    model = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    model = model_init_args(yaml.safe_load(path.read_text()) or {})
     kwargs = {k: model[k] for k in NETWORK_KEYS if k in model}
     kwargs["embedding_dim"] = model.get("embedding_dim") or EMBEDDING_DIMS[model.get("text_encoder", "minilm")]
     return PromptSegNet(**kwargs)
@@ -69,6 +76,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_targets(args: argparse.Namespace) -> list[Path]:
+    """The files to write (.pt, and .onnx if asked), each new or allowed to be replaced, and writable."""
+    targets = [t for t in (args.output, args.onnx) if t is not None]
+    if len(set(targets)) < len(targets):
+        raise ValueError(f"--output and --onnx name the same file {args.output}")
+    for flag, target in zip(("--output", "--onnx"), targets):
+        if target.is_dir():
+            raise ValueError(f"{flag} {target} is a folder; name the file to write")
+        if target.exists() and not args.overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        check_writable(target.parent, flag)
+    return targets
+
+
+def export_trimmed(args: argparse.Namespace) -> dict:
+    """Write the trimmed checkpoint (and the ONNX graph) all or none; return the summary."""
+    targets = check_targets(args)
+    model = load_model(args.checkpoint)
+    unknown = [p for p in args.prompt if p not in model.prompt_embeddings]
+    if unknown:
+        raise ValueError(f"prompts {unknown} have no embedding in {args.checkpoint}")
+    with staged(targets) as temporaries:
+        trimmed = save_trimmed(model, args.prompt, temporaries[0])
+        if args.onnx is not None:
+            embedding = model.prompt_embeddings[args.prompt[0]][None]
+            try:
+                export_onnx(trimmed, embedding, temporaries[1], args.onnx_patch)
+            except (RuntimeError, OSError) as error:
+                raise ValueError(f"--onnx {args.onnx}: export failed ({error}); nothing was written") from None
+    summary = {
+        "params_before": count_parameters(model.network) / 1e6,
+        "params_after": count_parameters(trimmed) / 1e6,
+        "output": str(args.output),
+    }
+    return summary | ({"onnx": str(args.onnx)} if args.onnx is not None else {})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -79,27 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.checkpoint is None or args.output is None or not args.prompt:
             raise ValueError("give --checkpoint, --output and at least one --prompt (or --config with --params)")
-        for target in (args.output, args.onnx):
-            if target is not None and target.exists() and not args.overwrite:
-                raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-        model = load_model(args.checkpoint)
-        unknown = [p for p in args.prompt if p not in model.prompt_embeddings]
-        if unknown:
-            raise ValueError(f"prompts {unknown} have no embedding in {args.checkpoint}")
-        trimmed = save_trimmed(model, args.prompt, args.output)
-        print(
-            json.dumps(
-                {
-                    "params_before": count_parameters(model.network) / 1e6,
-                    "params_after": count_parameters(trimmed) / 1e6,
-                    "output": str(args.output),
-                }
-            )
-        )
-        if args.onnx is not None:
-            export_onnx(trimmed, model.prompt_embeddings[args.prompt[0]][None], args.onnx, args.onnx_patch)
+        print(json.dumps(export_trimmed(args)))
         return 0
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

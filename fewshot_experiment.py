@@ -23,6 +23,7 @@ import yaml
 
 from datamodules.multitask import MultiTaskDataModule
 from evaluate import METRICS, markdown_table, paired_p_values
+from export import model_init_args
 from inference.sliding_window import predict_volume
 from lightning_modules.baseline import SwinUNETRModule
 from lightning_modules.prompt_seg_module import PromptSegModule
@@ -31,6 +32,8 @@ NETWORK_KEYS = (
     "feature_size",
     "decoder_channels",
     "router_hidden_dim",
+    "level_conditioning",
+    "head_hidden",
     "encoder_depths",
     "window_size",
     "text_encoder",
@@ -73,11 +76,12 @@ def score(predict, data: MultiTaskDataModule, method: str, shots: int) -> list[d
 
 
 def run_setting(args: argparse.Namespace, config: dict, shots: int) -> list[dict]:
-    model_config = {k: v for k, v in config["model"].items() if k in NETWORK_KEYS}
+    model = model_init_args(config)
+    model_config = {k: v for k, v in model.items() if k in NETWORK_KEYS}
     L.seed_everything(args.seed)
     ours = PromptSegModule(
         **model_config,
-        num_paths=config["model"]["num_paths"],
+        num_paths=model["num_paths"],
         lr=args.lr,
         init_checkpoint=str(args.checkpoint),
         finetune_prompt=args.prompt,
@@ -104,7 +108,7 @@ def run_setting(args: argparse.Namespace, config: dict, shots: int) -> list[dict
         shots,
     )
     L.seed_everything(args.seed)
-    swin = SwinUNETRModule(config["model"]["feature_size"], lr=args.lr, sw_roi=config["model"]["sw_roi"])
+    swin = SwinUNETRModule(model["feature_size"], lr=args.lr, sw_roi=model["sw_roi"])
     train(swin, data, args.epochs, args.output)
     rows += score(swin.predict_volume, data, "SwinUNETR", shots)
     return rows

@@ -2,9 +2,11 @@
 
     python segment.py --checkpoint CKPT --input PATH --prompt liver --prompt "renal artery" --output DIR
 
-Input: a .nii/.nii.gz/.nrrd/.mha file, a DICOM series folder, or a folder of such cases. Output:
-``DIR/CASE/PROMPT-SLUG.nii.gz`` (uint8 0/1) on exactly the input's grid. Files are written under a
-temporary name and renamed, so an interrupted run leaves no partial mask.
+Input: a .nii/.nii.gz/.nrrd/.mha file, a DICOM series folder (found by content, any file names), or
+a folder of such cases. Output: ``DIR/CASE/PROMPT-SLUG.nii.gz`` (uint8 0/1) on exactly the input's
+grid; CASE drops an nnU-Net ``_0000`` channel suffix. Prompts, inputs and the output folder are all
+checked before inference; the files of a case are written under temporary names and renamed together
+once all are written, so a failed or interrupted run leaves no partial case.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import argparse
 import json
 import re
 import sys
-import warnings
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -23,47 +27,161 @@ import torchio as tio
 from scipy import ndimage
 from tqdm import tqdm
 
-from datamodules.files import atomic_write
+from datamodules.files import check_writable, staged
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import IMAGE_SUFFIXES
-from datamodules.volumes import BadCaseError, read_image
+from datamodules.volumes import BadCaseError, dicom_series, read_image
 from inference.checkpoints import CheckpointError, LoadedModel, load_model
 from inference.preview import label_map, save_preview
 from inference.sliding_window import predict_volume
 from networks.text_encoders import PromptEmbedder, build_text_encoder
 
 SIMILARITY_WARNING = 0.5
+CHANNEL_SUFFIX = "_0000"  # nnU-Net's first (CT) channel
+# Does it look like CT in Hounsfield units? Thresholds on a sample of at most about 2 M voxels.
+NO_AIR_HU = -200.0  # the 0.1st percentile should lie below: every CT holds some air (MR, PET: none)
+TOO_DENSE_HU = 4000.0  # the 99.9th percentile should lie below: above cortical bone and contrast
+AIR_HU, AIR_FRACTION = -900.0, 0.95  # at most 95 % of the voxels air (or padding outside the scan)
+BODY_HU, BODY_FRACTION = (-200.0, 2000.0), 0.01  # at least 1 % soft tissue or bone
+
+
+class Messages:
+    """Warnings and notes on stderr, one line each; warnings are counted for the summary."""
+
+    def __init__(self) -> None:
+        self.warnings = 0
+
+    def warn(self, text: str) -> None:
+        tqdm.write(f"warning: {text}", file=sys.stderr)
+        self.warnings += 1
+
+    @staticmethod
+    def note(text: str) -> None:
+        tqdm.write(f"note: {text}", file=sys.stderr)
+
+
+def progress(items: list, description: str) -> tqdm:
+    """A progress bar on a terminal, for more than one case; nothing in logs or pipes."""
+    return tqdm(items, desc=description, disable=len(items) < 2 or not sys.stderr.isatty())
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to segment: its output name, its file or DICOM folder, and the series UID to read."""
+
+    name: str
+    path: Path
+    series: str | None = None
 
 
 def slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    """The file name of a prompt's mask (without .nii.gz); ValueError when nothing is left."""
+    name = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    if not name:
+        raise ValueError(f"--prompt {prompt!r} has no letter or digit to name its mask file")
+    return name
 
 
-def find_cases(path: Path) -> list[tuple[str, Path]]:
-    """(case name, image path) pairs: one file, one DICOM folder, or a folder of either."""
+def check_prompts(prompts: list[str], label_map: bool) -> None:
+    """Every prompt non-empty and with a mask file name of its own."""
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt must not be empty")
+    seen: dict[str, str] = {}
+    for prompt in prompts:
+        name = slug(prompt)
+        if name in seen:
+            raise ValueError(f"--prompt {seen[name]!r} and --prompt {prompt!r} would both be written to {name}.nii.gz")
+        if label_map and name == "labels":
+            raise ValueError(f"--prompt {prompt!r} would be written to labels.nii.gz, the --label-map file")
+        seen[name] = prompt
+
+
+def find_cases(path: Path, series: str | None, messages: Messages) -> list[InputCase]:
+    """The cases under ``path``: one file, one DICOM folder, or a folder of files and DICOM folders."""
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
     if path.is_file():
-        return [(_case_name(path), path)]
-    if any(f.suffix.lower() == ".dcm" for f in path.iterdir() if f.is_file()):
-        return [(path.name, path)]
-    cases = [(_case_name(f), f) for f in sorted(path.iterdir()) if f.is_file() and f.name.endswith(IMAGE_SUFFIXES)]
-    cases += [(d.name, d) for d in sorted(path.iterdir()) if d.is_dir() and any(d.glob("*.dcm"))]
+        if series:
+            raise ValueError(f"--series applies to DICOM folders; input {path} is a file")
+        return [InputCase(case_name(path), path)]
+    own = _dicom_case(path, series, messages)
+    if own is not None:
+        return [own]
+    files = [] if series else [f for f in sorted(path.iterdir()) if f.is_file() and f.name.endswith(IMAGE_SUFFIXES)]
+    cases = [InputCase(case_name(f), f) for f in files]
+    cases += [c for d in sorted(path.iterdir()) if d.is_dir() and (c := _dicom_case(d, series, messages))]
     if not cases:
-        raise FileNotFoundError(f"input {path} holds no .nii/.nii.gz/.nrrd/.mha file or DICOM series")
+        what = f"DICOM series {series}" if series else ".nii/.nii.gz/.nrrd/.mha file or DICOM series"
+        raise FileNotFoundError(f"input {path} holds no {what}")
+    _check_unique_names(cases)
     return cases
 
 
-def _case_name(path: Path) -> str:
+def _dicom_case(folder: Path, series: str | None, messages: Messages) -> InputCase | None:
+    """The folder's DICOM series as a case (``series``, or the one with the most slices), if any."""
+    if not any(
+        f.is_file() and not f.name.startswith(".") and not f.name.endswith(IMAGE_SUFFIXES) for f in folder.iterdir()
+    ):
+        return None
+    found = dicom_series(folder)
+    name = folder.resolve().name
+    if series:
+        return InputCase(name, folder, series) if series in found else None
+    if not found:
+        return None
+    chosen = max(sorted(found), key=found.__getitem__)
+    if len(found) > 1:
+        listing = ", ".join(f"{uid} ({count} slices)" for uid, count in sorted(found.items()))
+        messages.note(
+            f"{folder} holds {len(found)} DICOM series: {listing}; using {chosen}, the one with the most slices "
+            "(choose with --series UID)"
+        )
+    return InputCase(name, folder, chosen)
+
+
+def _check_unique_names(cases: list[InputCase]) -> None:
+    first: dict[str, Path] = {}
+    for case in cases:
+        if case.name in first:
+            raise ValueError(f"inputs {first[case.name]} and {case.path} would both be written to case {case.name}")
+        first[case.name] = case.path
+
+
+def case_name(path: Path) -> str:
+    """The file name without its image suffix and without an nnU-Net ``_0000`` channel suffix."""
+    name = path.stem
     for suffix in IMAGE_SUFFIXES:
         if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+            name = path.name[: -len(suffix)]
+            break
+    return name.removesuffix(CHANNEL_SUFFIX) or name
 
 
-def prompt_embeddings(model: LoadedModel, prompts: list[str]) -> torch.Tensor:
+def ct_problems(hu: np.ndarray) -> list[str]:
+    """Why an image does not look like CT in Hounsfield units (empty when it does)."""
+    flat = hu.reshape(-1)
+    sample = flat[:: max(1, flat.size // 2_000_000)].astype(np.float32)
+    low, high = np.quantile(sample, [0.001, 0.999])
+    air = float(np.mean(sample < AIR_HU))
+    body = float(np.mean((sample >= BODY_HU[0]) & (sample <= BODY_HU[1])))
+    problems = []
+    if low > NO_AIR_HU:
+        problems.append(f"no air: 0.1st percentile {low:.0f} HU > {NO_AIR_HU:.0f}")
+    if high > TOO_DENSE_HU:
+        problems.append(f"99.9th percentile {high:.0f} HU > {TOO_DENSE_HU:.0f}")
+    if air > AIR_FRACTION:
+        problems.append(f"{air:.0%} of voxels below {AIR_HU:.0f} HU (air)")
+    if body < BODY_FRACTION:
+        problems.append(f"no body: {body:.1%} of voxels within {BODY_HU[0]:.0f}..{BODY_HU[1]:.0f} HU")
+    return problems
+
+
+def prompt_embeddings(model: LoadedModel, prompts: list[str], messages: Messages) -> torch.Tensor:
     """Stored embeddings, or the checkpoint's text encoder for new prompts (warning when far)."""
     missing = [p for p in prompts if p not in model.prompt_embeddings]
+    if missing and not model.text.get("text_encoder"):
+        known = ", ".join(sorted(model.prompt_embeddings))
+        raise CheckpointError(f"this model segments only its training prompts ({known}); not {missing}")
     if missing:
         encoder = build_text_encoder(
             model.text["text_encoder"],
@@ -79,9 +197,7 @@ def prompt_embeddings(model: LoadedModel, prompts: list[str]) -> torch.Tensor:
         for prompt, vector in zip(missing, embedder(missing)):
             similarity = float((known @ vector).max())
             if similarity < SIMILARITY_WARNING:
-                warnings.warn(
-                    f"prompt {prompt!r} is far from every training prompt (cosine {similarity:.2f})", stacklevel=2
-                )
+                messages.warn(f"prompt {prompt!r} is far from every training prompt (cosine {similarity:.2f})")
             model.prompt_embeddings[prompt] = vector
     return torch.stack([model.prompt_embeddings[p] for p in prompts])
 
@@ -130,25 +246,79 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
-def _save(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
-    atomic_write(target, lambda temporary: nib.save(nib.Nifti1Image(array, affine), temporary))
+def output_files(folder: Path, prompts: list[str], args: argparse.Namespace) -> list[Path]:
+    """Every file a case's run writes: one mask per prompt, the label map and legend, the preview."""
+    files = [folder / f"{slug(p)}.nii.gz" for p in prompts]
+    if args.label_map:
+        files += [folder / "labels.nii.gz", folder / "labels.json"]
+    if args.preview:
+        files.append(folder / "preview.png")
+    return files
+
+
+def _nifti_writer(array: np.ndarray, affine: np.ndarray) -> Callable[[Path], None]:
+    return lambda path: nib.save(nib.Nifti1Image(array, affine), path)
+
+
+def case_writers(
+    masks: np.ndarray, prompts: list[str], image: tio.ScalarImage, args: argparse.Namespace
+) -> list[Callable[[Path], None]]:
+    """Writers in the order of :func:`output_files`."""
+    writers = [_nifti_writer(mask.astype(np.uint8), image.affine) for mask in masks]
+    labels = label_map(masks) if args.label_map or args.preview else None  # later prompts overwrite earlier ones
+    if args.label_map:
+        legend = json.dumps({prompt: value for value, prompt in enumerate(prompts, start=1)}, indent=2)
+        writers += [_nifti_writer(labels, image.affine), lambda path: path.write_text(legend)]
+    if args.preview:
+        writers.append(lambda path: save_preview(path, image.data[0].numpy(), labels))
+    return writers
 
 
 def write_outputs(
     folder: Path, masks: np.ndarray, prompts: list[str], image: tio.ScalarImage, args: argparse.Namespace
 ) -> None:
-    """One uint8 mask per prompt; optionally a label map with a JSON legend and a PNG preview."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for prompt, mask in zip(prompts, masks):
-        _save(mask.astype(np.uint8), image.affine, folder / f"{slug(prompt)}.nii.gz")
-    if args.label_map or args.preview:
-        labels = label_map(masks)  # later prompts overwrite earlier ones
-    if args.label_map:
-        _save(labels, image.affine, folder / "labels.nii.gz")
-        legend = {prompt: value for value, prompt in enumerate(prompts, start=1)}
-        (folder / "labels.json").write_text(json.dumps(legend, indent=2))
-    if args.preview:
-        save_preview(folder / "preview.png", image.data[0].numpy(), labels)
+    """Write a case's files all or none: on failure nothing of the case is left, folders made included."""
+    with staged(output_files(folder, prompts, args)) as temporaries:
+        for temporary, write in zip(temporaries, case_writers(masks, prompts, image, args)):
+            write(temporary)
+
+
+def plan_outputs(cases: list[InputCase], args: argparse.Namespace) -> tuple[list[InputCase], list[InputCase]]:
+    """(cases to run, cases skipped because all their outputs exist); existing outputs need a flag."""
+    check_writable(args.output, "--output")
+    todo, skipped = [], []
+    for case in cases:
+        files = output_files(args.output / case.name, args.prompt, args)
+        blocking = [p for p in (args.output, args.output / case.name) if p.exists() and not p.is_dir()]
+        blocking += [f for f in files if f.is_dir()]
+        if blocking:
+            raise ValueError(
+                f"--output: {blocking[0]} is in the way ({'a folder' if blocking[0].is_dir() else 'a file'})"
+            )
+        present = [f for f in files if f.exists()]
+        if args.skip_existing and len(present) == len(files):
+            skipped.append(case)
+            continue
+        if present and not args.overwrite:
+            raise FileExistsError(
+                f"{present[0]} exists; pass --overwrite to replace outputs or --skip-existing to skip finished cases"
+            )
+        todo.append(case)
+    return todo, skipped
+
+
+def check_inputs(cases: list[InputCase], messages: Messages) -> dict[str, tio.ScalarImage]:
+    """Read every case once before any output (bad input fails here, by file); warn where it does not
+    look like CT. Only a lone case's image is kept, so a folder run holds one volume at a time."""
+    kept = {}
+    for case in progress(cases, "checking inputs"):
+        image = read_image(case.path, case.series)
+        problems = ct_problems(image.data[0].numpy())
+        if problems:
+            messages.warn(f"{case.path}: does not look like CT ({'; '.join(problems)})")
+        if len(cases) == 1:
+            kept[case.name] = image
+    return kept
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,43 +336,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--largest-component", action="store_true", help="keep each mask's largest connected component")
     parser.add_argument("--label-map", action="store_true", help="also write labels.nii.gz with a labels.json legend")
     parser.add_argument("--preview", action="store_true", help="also write preview.png (axial, coronal, sagittal)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    parser.add_argument("--series", help="DICOM series instance UID to read where a folder holds several")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="skip cases whose every output exists (resume a folder run)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, messages: Messages) -> str:
+    """Segment every case; return the summary line."""
+    started = time.monotonic()
     if not 0.0 <= args.overlap < 1.0:
         raise ValueError(f"--overlap must lie in [0, 1), got {args.overlap}")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as error:
         raise ValueError(f"--device {args.device} is not available ({error})") from None
-    if any(not p.strip() for p in args.prompt):
-        raise ValueError("--prompt must not be empty")
+    check_prompts(args.prompt, args.label_map)
+    cases, skipped = plan_outputs(find_cases(args.input, args.series, messages), args)
     model = load_model(args.checkpoint)
     args.roi = args.roi or model.sw_roi
-    cases = find_cases(args.input)
-    targets = [args.output / name / f"{slug(p)}.nii.gz" for name, _ in cases for p in args.prompt]
-    existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace outputs")
-    embeddings = prompt_embeddings(model, args.prompt)
-    images = {name: read_image(path) for name, path in cases}  # read all first: no output for bad input
-    for name, image in tqdm(images.items(), desc="cases", disable=len(images) < 2):
+    embeddings = prompt_embeddings(model, args.prompt, messages)
+    images = check_inputs(cases, messages)
+    for done, case in enumerate(progress(cases, "cases")):
+        image = images.pop(case.name) if case.name in images else read_image(case.path, case.series)
         masks = segment_case(model, image, embeddings, args)
-        write_outputs(args.output / name, masks, args.prompt, image, args)
+        try:
+            write_outputs(args.output / case.name, masks, args.prompt, image, args)
+        except OSError as error:
+            raise OSError(write_failure(args.output, case, done, error)) from None
+    seconds = time.monotonic() - started
+    skip_note = f", {len(skipped)} skipped (outputs exist)" if skipped else ""
+    return (
+        f"done: {len(cases)} case(s){skip_note}, {len(args.prompt)} prompt(s), {seconds:.1f} s, "
+        f"{messages.warnings} warning(s); output in {args.output}"
+    )
+
+
+def write_failure(output: Path, case: InputCase, done: int, error: OSError) -> str:
+    """One line on a failed write: which case, why, and what is left."""
+    left = f"; the {done} case(s) before it are complete (resume with --skip-existing)" if done else ""
+    return f"cannot write case {case.name} to {output / case.name} ({error.strerror or error}); nothing of it was kept{left}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    messages = Messages()
     try:
-        run(args)
-    except (CheckpointError, BadCaseError, ValueError, FileNotFoundError, FileExistsError) as error:
+        summary = run(args, messages)
+    except (CheckpointError, BadCaseError, ValueError, OSError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(summary)
     return 0
 
 

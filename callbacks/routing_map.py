@@ -1,7 +1,9 @@
-"""A task-by-level heat map of the chosen sub-pathways, saved as PNG at each validation."""
+"""Routes as they are learned: a task-by-level heat map (PNG and JSON) at each validation, and a
+running count of route changes during training."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -32,15 +34,34 @@ def plot_routes(routes: dict[str, tuple[int, ...]], num_paths: int, path: Path) 
 
 
 class RoutingHeatmap(L.Callback):
-    """After each validation, plot the task prompts' routes into the run folder and log it to W&B."""
+    """After each validation, plot the task prompts' routes into the run folder (``routing/``, PNG and
+    JSON) and log the plot to W&B. After each training step, count the (task, level) choices that
+    changed since the step before and log the running total as ``train/route_changes``: routes
+    that never change were never learned, only drawn at initialisation."""
+
+    def __init__(self) -> None:
+        self.previous: dict[str, tuple[int, ...]] | None = None
+        self.changes = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not module.task_prompts:
+            return
+        routes = module.current_routes()
+        if self.previous is not None:
+            self.changes += sum(
+                a != b for p in routes if p in self.previous for a, b in zip(routes[p], self.previous[p])
+            )
+        self.previous = routes
+        module.log("train/route_changes", float(self.changes))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not module.task_prompts or not trainer.is_global_zero:
             return
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
-        path = plot_routes(
-            module.current_routes(), module.hparams.num_paths, folder / f"epoch{trainer.current_epoch:04d}.png"
-        )
+        routes = module.current_routes()
+        path = plot_routes(routes, module.hparams.num_paths, folder / f"epoch{trainer.current_epoch:04d}.png")
+        record = {"step": trainer.global_step, "route_changes": self.changes, "routes": routes}
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1))
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="routing", images=[str(path)], step=trainer.global_step)

@@ -121,8 +121,8 @@ class TrainingPatches(Dataset):
 
     def _augment(self, image: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         subject = tio.Subject(image=tio.ScalarImage(tensor=image.float()), label=tio.LabelMap(tensor=labels[None]))
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: forked workers must not touch CUDA
+            torch.default_generator.manual_seed(seed)
             augmented = self.augment(subject)
         return augmented["image"].data, augmented["label"].data[0]
 

@@ -69,9 +69,17 @@ DATASETS = (
     PhantomDataset(3, "PhantomLesions", ("liver", "liver tumor", "lung", "lung tumor", "superior mesenteric artery")),
 )
 FEW_SHOT_DATASET = PhantomDataset(4, "PhantomRenalArtery", ("renal artery",))
+FAT_CAPSULE_MM = {"left kidney": 5.0, "right kidney": 5.0, "bladder": 4.0}  # at the small preset's scale
 TUBULAR = ("aorta", "pulmonary artery", "airway", "superior mesenteric artery", "renal artery")
 
 # Hounsfield units each structure is painted with, as (low, high) to draw from per case.
+# The vessels are contrast-filled (aorta 250-350 HU), so the phantom is a contrast-enhanced scan in
+# the arterial to corticomedullary phase. The kidneys, which receive about a quarter of the cardiac
+# output, enhance with it: renal cortical enhancement of 195-217 HU over the unenhanced 30-50 HU was
+# measured while the renal artery enhanced by 240-288 HU (Eur J Radiol 2007;63(3):420-6); the
+# phantom's homogeneous kidney (cortex and medulla together) takes 150-220 HU. Urine is near water
+# (0 HU by the definition of the scale). Perirenal fat (inside Gerota's fascia) and perivesical fat
+# surround the kidneys and the bladder (``FAT_CAPSULE_MM``), as in every abdominal CT.
 HU_RANGES: dict[str, tuple[float, float]] = {
     "fat": (-120.0, -80.0),
     "soft tissue": (30.0, 50.0),
@@ -80,10 +88,10 @@ HU_RANGES: dict[str, tuple[float, float]] = {
     "liver": (55.0, 65.0),
     "liver tumor": (20.0, 30.0),
     "spleen": (45.0, 55.0),
-    "left kidney": (30.0, 40.0),
-    "right kidney": (30.0, 40.0),
+    "left kidney": (150.0, 220.0),
+    "right kidney": (150.0, 220.0),
     "stomach": (20.0, 30.0),
-    "bladder": (20.0, 25.0),
+    "bladder": (0.0, 15.0),
     "lung tumor": (30.0, 45.0),
     "vertebrae": (500.0, 900.0),
     "aorta": (250.0, 350.0),
@@ -237,7 +245,13 @@ def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
 
     anatomy = Anatomy()
     body = Ellipsoid(np.zeros(3), np.array([half[0], half[1], half[2] * 3]))
-    anatomy.add(Structure("fat", [body], hu("fat")))
+    fat_hu = hu("fat")
+    anatomy.add(Structure("fat", [body], fat_hu))
+
+    def organ(name: str, shape: Ellipsoid) -> Structure:
+        """An organ painted with its HU, inside a fat capsule where real anatomy has one."""
+        return Structure(name, [shape], hu(name), wall_mm=FAT_CAPSULE_MM.get(name, 0.0) * scale, wall_hu=fat_hu)
+
     inner = Ellipsoid(np.zeros(3), body.radii - np.array([6.0, 6.0, 0.0]) * scale)
     anatomy.add(Structure("soft tissue", [inner], hu("soft tissue")))
     lungs = [Ellipsoid(at(s * 0.45, 0.05, 0.55), radii(0.36, 0.6, 0.42)) for s in (-1, 1)]
@@ -253,8 +267,8 @@ def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
         "left kidney": Ellipsoid(at(0.42, 0.45, -0.38), radii(0.13, 0.14, 0.2)),
     }
     for name, kidney in kidneys.items():
-        anatomy.add(Structure(name, [kidney], hu(name)))
-    anatomy.add(Structure("bladder", [Ellipsoid(at(0.0, -0.3, -0.86), radii(0.22, 0.2, 0.1))], hu("bladder")))
+        anatomy.add(organ(name, kidney))
+    anatomy.add(organ("bladder", Ellipsoid(at(0.0, -0.3, -0.86), radii(0.22, 0.2, 0.1))))
     spine_x, spine_y = rng.normal(0.0, 0.02) * half[0], 0.72 * half[1]
     vertebrae = [
         Ellipsoid(np.array([spine_x, spine_y, z]), np.array([0.13 * half[0], 0.13 * half[1], 0.05 * half[2]]))
@@ -371,14 +385,22 @@ def random_grid(rng: np.random.Generator, preset: PhantomPreset) -> tuple[Grid, 
 
 
 def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The HU image (int16) and one boolean mask per structure."""
+    """The HU image (int16) and one boolean mask per structure.
+
+    A structure's wall (airway wall, fat capsule) is painted over what lies there, and those
+    voxels leave the masks of the structures painted before it.
+    """
     image = np.full(grid.shape, HU_AIR, dtype=np.float32)
     masks: dict[str, np.ndarray] = {}
     edge = float(grid.spacing.mean())
     for structure in anatomy.structures:
         mask = np.zeros(grid.shape, dtype=bool)
         for shape in structure.shapes:
-            _paint_shape(image, mask, grid, shape, structure, edge)
+            covered = _paint_shape(image, mask, grid, shape, structure, edge)
+            if covered is not None:
+                box, wall = covered
+                for earlier in masks.values():
+                    earlier[box] &= ~wall
             if isinstance(shape, Tube):
                 _mark_centre_line(mask, grid, shape)
         masks[structure.name] = mask
@@ -387,19 +409,25 @@ def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator) -> tuple[np.n
     return np.clip(np.round(image), -1024, 3071).astype(np.int16), masks
 
 
-def _paint_shape(image, mask, grid: Grid, shape: Shape, structure: Structure, edge: float) -> None:
+def _paint_shape(
+    image, mask, grid: Grid, shape: Shape, structure: Structure, edge: float
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """Paint one shape (and its wall) into ``image`` and ``mask``; return the wall's voxels, if any."""
     low, high = shape.bounds()
     box = grid.box(low - structure.wall_mm - edge, high + structure.wall_mm + edge)
     if box is None:
-        return
+        return None
     sdf = shape.sdf(grid.coordinates(box))
     region = image[box]
+    wall_voxels = None
     if structure.wall_mm > 0:
         wall = np.clip(0.5 - (sdf - structure.wall_mm) / edge, 0.0, 1.0)
         region += wall * (structure.wall_hu - region)
+        wall_voxels = (box, (sdf >= 0) & (sdf < structure.wall_mm))
     occupancy = np.clip(0.5 - sdf / edge, 0.0, 1.0)
     region += occupancy * (structure.hu - region)
     mask[box] |= sdf < 0
+    return wall_voxels
 
 
 def _mark_centre_line(mask: np.ndarray, grid: Grid, tube: Tube) -> None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,34 +28,81 @@ class BadCaseError(ValueError):
     """A case that cannot be used, with the file and the fault in its message."""
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr for every folder without DICOM
+
+
+@contextmanager
+def _native_stderr(sink: list[str]) -> Iterator[None]:
+    """Capture what C++ code (ITK, MetaIO, GDCM) prints on file descriptor 2 into ``sink``."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            sink.append(capture.read().decode(errors="replace"))
+
+
+def dicom_series(folder: Path) -> dict[str, int]:
+    """The DICOM series in ``folder`` (found by content, whatever the file names): UID -> slice files."""
+    with _native_stderr([]):
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        return {uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+
+
+def _read_sitk(path: Path, series: str | None = None) -> sitk.Image:
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        files = reader.GetGDCMSeriesFileNames(str(path))
+        files = reader.GetGDCMSeriesFileNames(str(path), series) if series else reader.GetGDCMSeriesFileNames(str(path))
         if not files:
-            raise BadCaseError(f"{path}: folder holds no DICOM series")
+            raise BadCaseError(f"{path}: folder holds no DICOM series" + (f" {series}" if series else ""))
         reader.SetFileNames(files)
         return reader.Execute()
     return sitk.ReadImage(str(path))
 
 
+def _read_error(path: Path, error: RuntimeError, native: str) -> BadCaseError:
+    """One line on why ITK could not read ``path``: its own last words, or what the C++ reader printed."""
+    reason = str(error).strip().splitlines()[-1].removeprefix("Reason: ")
+    printed = " ".join(native.split())
+    if "No such file or directory" in reason and path.exists():  # MetaIO's errno on a truncated file
+        reason = "truncated or damaged file" + (f": {printed}" if printed else "")
+    return BadCaseError(f"{path}: cannot be read ({reason or printed or type(error).__name__})")
+
+
 def _all_finite(path: Path, image: sitk.Image) -> bool:
-    """ITK's NIfTI reader turns NaN into 0, so NIfTI files are checked through nibabel."""
+    """ITK's NIfTI reader turns NaN into 0 and pads a truncated file, so NIfTI files are read through
+    nibabel as well (which raises on truncation)."""
     if path.name.endswith((".nii", ".nii.gz")):
-        return bool(np.isfinite(np.asanyarray(nib.load(path).dataobj)).all())
+        try:
+            data = np.asanyarray(nib.load(path).dataobj)
+        except (EOFError, OSError, ValueError, zlib.error) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise BadCaseError(f"{path}: cannot be read (truncated or damaged file: {reason})") from None
+        return bool(np.isfinite(data).all())
     return bool(np.isfinite(sitk.GetArrayViewFromImage(image)).all())
 
 
-def read_image(path: Path) -> tio.ScalarImage:
-    """A CT image from .nii/.nii.gz/.nrrd/.mha or a DICOM series folder, checked: one 3D volume of
-    finite values. Read through SimpleITK (TorchIO would silently turn NaN into 0)."""
+def read_image(path: Path, series: str | None = None) -> tio.ScalarImage:
+    """A CT image from .nii/.nii.gz/.nrrd/.mha or a DICOM series folder (``series``: its UID, when the
+    folder holds several), checked: one 3D volume of finite values. Read through SimpleITK (TorchIO
+    would silently turn NaN into 0)."""
     if not path.exists():
         raise BadCaseError(f"{path}: file does not exist")
+    native: list[str] = []
     try:
-        image = _read_sitk(path)
+        with _native_stderr(native):
+            image = _read_sitk(path, series)
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1]
-        raise BadCaseError(f"{path}: cannot be read ({reason})") from None
+        raise _read_error(path, error, "".join(native)) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise BadCaseError(
             f"{path}: expected a 3D image, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)"

@@ -15,6 +15,7 @@ import torch
 
 from datamodules.files import atomic_write
 from networks.prompt_seg_net import PromptSegNet
+from networks.reference_net import ReferenceNet
 
 TRIMMED_FORMAT = "prompt-seg-trimmed/1"
 NETWORK_ARGS = (
@@ -27,6 +28,7 @@ NETWORK_ARGS = (
     "encoder_depths",
     "window_size",
 )
+OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0}  # absent from older checkpoints
 TEXT_ARGS = ("text_encoder", "text_encoder_weights", "clip_model", "prompt_template")
 
 
@@ -38,7 +40,7 @@ class CheckpointError(ValueError):
 class LoadedModel:
     """A network ready for inference and what travels with it."""
 
-    network: PromptSegNet
+    network: PromptSegNet | ReferenceNet
     network_args: dict
     prompt_embeddings: dict[str, torch.Tensor]
     preprocessing: dict
@@ -106,14 +108,37 @@ def load_network_weights(network: PromptSegNet, path: str | Path) -> dict[str, t
     return dict(checkpoint.get("prompt_embeddings", {}))
 
 
+def load_reference(path: str | Path, checkpoint: dict) -> LoadedModel:
+    """The reference network (``lightning_modules/reference.py``): no text encoder, no routes."""
+    prompts, hparams = checkpoint.get("task_prompts"), _hparams(checkpoint)
+    if not prompts or "filters" not in hparams:
+        raise CheckpointError(f"checkpoint {path} is a reference checkpoint without its prompts or filters")
+    network = ReferenceNet(len(prompts), tuple(hparams["filters"]))
+    state = network_state(checkpoint)
+    check_state(network, state, path)
+    network.load_state_dict(state)
+    return LoadedModel(
+        network.eval(),
+        {"architecture": "reference", "filters": list(hparams["filters"])},
+        dict(checkpoint.get("prompt_embeddings", {})),
+        dict(checkpoint.get("preprocessing", {})),
+        {},
+        "reference",
+        dict(checkpoint.get("tubular", {})),
+        int(hparams.get("sw_roi", 96)),
+    )
+
+
 def load_model(path: str | Path) -> LoadedModel:
     """Build the network a checkpoint describes and load its weights."""
     checkpoint = read_checkpoint(path)
+    if checkpoint.get("architecture") == "reference":
+        return load_reference(path, checkpoint)
     hparams = _hparams(checkpoint)
     missing = [k for k in NETWORK_ARGS if k not in hparams]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks network settings {missing}")
-    args = {k: hparams[k] for k in NETWORK_ARGS}
+    args = {k: hparams[k] for k in NETWORK_ARGS} | {k: hparams.get(k, v) for k, v in OPTIONAL_NETWORK_ARGS.items()}
     network = PromptSegNet(
         1,
         args["embedding_dim"],
@@ -124,6 +149,8 @@ def load_model(path: str | Path) -> LoadedModel:
         args["prompt_head"],
         tuple(args["encoder_depths"]),
         args["window_size"],
+        args["level_conditioning"],
+        args["head_hidden"],
     )
     embeddings = load_network_weights(network, path)
     return LoadedModel(
@@ -140,6 +167,8 @@ def load_model(path: str | Path) -> LoadedModel:
 
 def save_trimmed(model: LoadedModel, prompts: list[str], path: str | Path) -> PromptSegNet:
     """Write the network trimmed to ``prompts``' routes with their embeddings; return it."""
+    if isinstance(model.network, ReferenceNet):
+        raise CheckpointError("the reference network has no routes to trim: use its checkpoint directly")
     missing = [p for p in prompts if p not in model.prompt_embeddings]
     if missing:
         raise CheckpointError(f"no embedding for prompts {missing}; embed them first")

@@ -6,13 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over pairs of ``1 - soft Dice`` plus the voxel-mean binary cross-entropy."""
+def dice_bce_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, focal_gamma: float = 0.0
+) -> torch.Tensor:
+    """Soft Dice over the pairs whose target holds the structure, plus the voxel-mean binary
+    cross-entropy over every pair.
+
+    A pair with an empty target (a lesion absent from the case, a structure outside the patch)
+    takes no Dice term: its smoothed Dice ``smooth / (sum p + smooth)`` would push every voxel of
+    that prompt towards 0 about five orders of magnitude harder than the Dice of a present, still
+    missed small structure pulls its few voxels up, and the prompt would learn never to answer.
+    The cross-entropy keeps empty pairs empty.
+
+    With ``focal_gamma`` > 0 the cross-entropy is the focal loss (Lin et al., 2017): each voxel's
+    term is weighted by ``(1 - p_t) ** focal_gamma``, ``p_t`` the probability of its true class.
+    """
     probability = torch.sigmoid(logits)
     dims = tuple(range(1, logits.dim()))
-    intersection = (probability * target).sum(dims)
-    soft_dice = (2 * intersection + smooth) / (probability.sum(dims) + target.sum(dims) + smooth)
-    return (1 - soft_dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
+    present = target.sum(dims) > 0
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if focal_gamma > 0:
+        p_true = probability * target + (1 - probability) * (1 - target)
+        cross_entropy = (1 - p_true).pow(focal_gamma) * cross_entropy
+    if not present.any():
+        return cross_entropy.mean()
+    p, g = probability[present], target[present]
+    soft_dice = (2 * (p * g).sum(dims) + smooth) / (p.sum(dims) + g.sum(dims) + smooth)
+    return (1 - soft_dice).mean() + cross_entropy.mean()
 
 
 def _soft_erode(x: torch.Tensor) -> torch.Tensor:
@@ -36,10 +56,30 @@ def soft_skeleton(x: torch.Tensor, iterations: int = 5) -> torch.Tensor:
 
 
 def soft_cl_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - soft clDice`` averaged over pairs (N, 1, D, H, W)."""
-    probability = torch.sigmoid(logits)
+    """``1 - soft clDice`` averaged over the pairs (N, 1, D, H, W) whose target is not empty
+    (empty pairs: 0, as for the Dice term)."""
+    present = target.sum(tuple(range(1, target.dim()))) > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    probability, target = torch.sigmoid(logits[present]), target[present]
     dims = tuple(range(1, logits.dim()))
     skeleton_p, skeleton_g = soft_skeleton(probability), soft_skeleton(target)
     precision = ((skeleton_p * target).sum(dims) + smooth) / (skeleton_p.sum(dims) + smooth)
     sensitivity = ((skeleton_g * probability).sum(dims) + smooth) / (skeleton_g.sum(dims) + smooth)
     return (1 - 2 * precision * sensitivity / (precision + sensitivity)).mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, tubular: torch.Tensor, cldice_weight: float, focal_gamma: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Dice + BCE (focal with ``focal_gamma`` > 0) on every pair, plus ``cldice_weight`` times soft
+    clDice on the tubular pairs.
+
+    Returns the terms (``dice_bce``, ``soft_cldice`` when any pair is tubular) and their sum ``loss``.
+    """
+    terms = {"dice_bce": dice_bce_loss(logits, masks, focal_gamma=focal_gamma)}
+    loss = terms["dice_bce"]
+    if cldice_weight > 0 and tubular.any():
+        terms["soft_cldice"] = soft_cl_dice_loss(logits[tubular], masks[tubular])
+        loss = loss + cldice_weight * terms["soft_cldice"]
+    return terms | {"loss": loss}

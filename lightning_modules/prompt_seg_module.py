@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-import lightning as L
 import numpy as np
 import torch
 
 from inference.checkpoints import load_network_weights
-from inference.sliding_window import predict_volume
-from lightning_modules.losses import dice_bce_loss, soft_cl_dice_loss
-from metrics.segmentation import cl_dice, dice
+from lightning_modules.losses import segmentation_loss
+from lightning_modules.validation import VolumeValidation
 from networks.prompt_seg_net import PromptSegNet
 from networks.routing import balance_loss
 from networks.text_encoders import PromptEmbedder, build_text_encoder
@@ -19,7 +15,7 @@ from networks.text_encoders import PromptEmbedder, build_text_encoder
 TEXT_ENCODER_DIMS = {"minilm": 384}
 
 
-class PromptSegModule(L.LightningModule):
+class PromptSegModule(VolumeValidation):
     """Prompt-based universal CT segmentation (Ouyang et al., MICCAI), trained in two phases.
 
     Phase 1 (``joint_epochs``) trains everything but the frozen text encoder on all tasks with
@@ -37,6 +33,9 @@ class PromptSegModule(L.LightningModule):
         num_paths: sub-pathways per AP module (paper: 6; 1 is the sole-path ablation).
         router_hidden_dim: router hidden width.
         prompt_head: prompt-conditioned output head (off for the ablation).
+        level_conditioning: scale and shift each decoder level's features by the prompt (FiLM);
+            off is the paper's routing-only decoder (see ``networks/conditioning.py``).
+        head_hidden: hidden width of the prompt-generated head (0: a linear 1x1x1 read-out).
         encoder_depths: Swin blocks per stage (paper: 2, 2, 2, 2).
         window_size: Swin attention window (paper: 7).
         text_encoder: ``minilm`` (offline), ``open_clip`` (the paper's CLIP) or ``table``.
@@ -61,6 +60,8 @@ class PromptSegModule(L.LightningModule):
             less often while the sub-pathways learn: each change hands a prompt to a sub-pathway
             that has not learned it, which short runs cannot afford (paper: 1).
         cldice_weight: weight of the soft-clDice term on tubular tasks.
+        focal_gamma: 0 for Dice + binary cross-entropy; above 0, the cross-entropy is the focal
+            loss with this exponent (see ``lightning_modules/losses.py``).
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -76,6 +77,8 @@ class PromptSegModule(L.LightningModule):
         num_paths: int = 6,
         router_hidden_dim: int = 256,
         prompt_head: bool = True,
+        level_conditioning: bool = False,
+        head_hidden: int = 0,
         encoder_depths: tuple[int, ...] = (2, 2, 2, 2),
         window_size: int = 7,
         text_encoder: str = "minilm",
@@ -95,6 +98,7 @@ class PromptSegModule(L.LightningModule):
         balance_weight: float = 0.01,
         router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
+        focal_gamma: float = 0.0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -122,13 +126,13 @@ class PromptSegModule(L.LightningModule):
             prompt_head,
             encoder_depths,
             window_size,
+            level_conditioning,
+            head_hidden,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
         self.tubular: dict[str, bool] = {}
         self.phase = 1
-        self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.task_routes: dict[str, tuple[int, ...]] = {}
-        self.overlay_sample: tuple | None = None  # first validation volume, for the overlay callback
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -188,9 +192,6 @@ class PromptSegModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.set_epoch(epoch)
-        if self.phase == 1 and epoch >= self.hparams.joint_epochs:
-            self.enter_path_phase()
-            self.trainer.strategy.setup_optimizers(self.trainer)
         if self.phase == 1:
             progress = epoch / max(self.hparams.joint_epochs - 1, 1)
             start, end = self.hparams.temperature_start, self.hparams.temperature_end
@@ -200,11 +201,21 @@ class PromptSegModule(L.LightningModule):
             )
         self.log("train/phase", float(self.phase))
 
+    def on_train_epoch_end(self) -> None:
+        """Switch to phase 2 after the last joint epoch, before the epoch's checkpoint is written
+        (so it records phase 2) and before the next epoch's learning-rate warm-up is applied."""
+        if self.phase == 1 and self.current_epoch + 1 >= self.hparams.joint_epochs:
+            self.enter_path_phase()
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         torch.manual_seed(int(np.random.SeedSequence([self.hparams.seed, self.global_step]).generate_state(1)[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; the routers' group runs at ``router_lr_scale`` times the lr (``lr_scale`` in the group)."""
+        """AdamW; the routers' group runs at ``router_lr_scale`` times the lr (``lr_scale`` in the group).
+        A run with no joint epochs starts in phase 2."""
+        if self.phase == 1 and self.hparams.joint_epochs == 0:
+            self.enter_path_phase()
         trainable = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
         routers = [p for n, p in trainable if ".router." in n]
         groups = [
@@ -217,46 +228,18 @@ class PromptSegModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
-        loss = dice_bce_loss(output.logits, batch["masks"])
-        self.log("train/dice_bce", loss, batch_size=len(batch["prompts"]))
-        tubular = batch["tubular"].bool()
-        if self.hparams.cldice_weight > 0 and tubular.any():
-            cl_loss = soft_cl_dice_loss(output.logits[tubular], batch["masks"][tubular])
-            loss = loss + self.hparams.cldice_weight * cl_loss
-            self.log("train/soft_cldice", cl_loss, batch_size=int(tubular.sum()))
+        losses = segmentation_loss(
+            output.logits, batch["masks"], batch["tubular"].bool(), self.hparams.cldice_weight, self.hparams.focal_gamma
+        )
+        loss = losses.pop("loss")
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=len(batch["prompts"]))
         if self.phase == 1 and self.hparams.balance_weight > 0 and self.hparams.num_paths > 1:
             balance = torch.stack([balance_loss(logits) for logits in output.router_logits]).mean()
             loss = loss + self.hparams.balance_weight * balance
             self.log("train/balance", balance, batch_size=len(batch["prompts"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        probabilities = predict_volume(
-            self.network,
-            batch["image"].to(self.device),
-            self.embed(batch["prompts"]),
-            self.hparams.sw_roi,
-            self.hparams.sw_overlap,
-            self.hparams.sw_batch_size,
-        )
-        if batch_idx == 0:
-            self.overlay_sample = (batch["image"][0, 0].cpu().numpy(), probabilities.cpu().numpy(), batch["prompts"])
-        for prompt, probability, mask, tubular in zip(
-            batch["prompts"], probabilities, batch["masks"], batch["tubular"]
-        ):
-            prediction, truth = (probability > 0.5).cpu().numpy(), mask[0].bool().cpu().numpy()
-            self.validation_scores["dice"][prompt].append(dice(prediction, truth))
-            if tubular:
-                self.validation_scores["cldice"][prompt].append(cl_dice(prediction, truth))
-
-    def on_validation_epoch_end(self) -> None:
-        for metric, per_prompt in self.validation_scores.items():
-            means = {p: float(np.mean(v)) for p, v in per_prompt.items()}
-            for prompt, value in means.items():
-                self.log(f"val/{metric}/{prompt}", value)
-            self.log(f"val/mean_{metric}", float(np.mean(list(means.values()))), prog_bar=metric == "dice")
-        self.validation_scores.clear()
 
     def current_routes(self) -> dict[str, tuple[int, ...]]:
         """Each task prompt's inference route (one sub-pathway index per level)."""
@@ -287,4 +270,7 @@ class PromptSegModule(L.LightningModule):
         for pathway, kept in zip(self.network.pathways, checkpoint.get("kept_paths", [])):
             pathway.keep_only(set(kept))
         if checkpoint.get("phase") == 2 and self.phase != 2:
+            # Phase 2 trains the sub-pathways the trained routers choose: load the weights before
+            # choosing (Lightning loads them only after this hook; loading twice is harmless).
+            self.load_state_dict(checkpoint["state_dict"])
             self.enter_path_phase()

@@ -5,7 +5,10 @@ topology precision ``Tprec = |S(P) & G| / |S(P)|``, topology sensitivity
 ``Tsens = |S(G) & P| / |S(G)|``, ``clDice = 2 Tprec Tsens / (Tprec + Tsens)``.
 
 Empty cases: when prediction and ground truth are both empty every metric is 1; when exactly one
-is empty every metric is 0.
+is empty every metric is 0. The 1 for "absent and predicted absent" must never enter a task's mean:
+``evaluate.py`` scores only cases whose ground truth holds the structure and reports the cases
+without it separately, as false positives (the share of them with a non-empty prediction).
+Surface metrics in mm (HD95, NSD) are in ``metrics/surface.py``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from monai.networks.blocks import UnetResBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
+from networks.conditioning import LevelModulation
 from networks.routing import AutomaticPathway
 
 
@@ -44,6 +45,8 @@ class RoutedDecoder(nn.Module):
         embedding_dim: size of the prompt embedding.
         num_paths: candidate sub-pathways per level (the paper's M).
         router_hidden_dim: hidden width of each router.
+        modulation_dim: size of the prompt conditioning vector that scales and shifts each level's
+            features (:class:`LevelModulation`); ``None`` for routing alone (the paper).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class RoutedDecoder(nn.Module):
         embedding_dim: int,
         num_paths: int = 6,
         router_hidden_dim: int = 256,
+        modulation_dim: int | None = None,
     ) -> None:
         super().__init__()
         if len(skip_channels) != 6 or len(channels) != 6:
@@ -68,6 +72,7 @@ class RoutedDecoder(nn.Module):
             AutomaticPathway([residual_block(2 * c, c) for _ in range(num_paths)], embedding_dim, router_hidden_dim)
             for c in channels[1:]
         )
+        self.modulation = LevelModulation(modulation_dim, channels[1:]) if modulation_dim else None
 
     @property
     def num_levels(self) -> int:
@@ -86,6 +91,7 @@ class RoutedDecoder(nn.Module):
         skips: list[torch.Tensor],
         weights: list[torch.Tensor],
         image_index: torch.Tensor,
+        conditioning: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode per (image, prompt) pair.
 
@@ -93,6 +99,7 @@ class RoutedDecoder(nn.Module):
             skips: six per-image inputs, coarse to fine (see ``skip_channels``).
             weights: per level, one-hot route weights (N, M) for the N pairs.
             image_index: (N,) index of each pair's image in ``skips``.
+            conditioning: (N, modulation_dim) prompt conditioning vectors, when modulated.
         """
         x = self.bottleneck(skips[0])
         for level, (up, skip_block, pathway) in enumerate(zip(self.ups, self.skips, self.pathways)):
@@ -101,4 +108,6 @@ class RoutedDecoder(nn.Module):
                 upsampled = upsampled[image_index]
             skip = skip_block(skips[level + 1])[image_index]
             x = pathway(torch.cat([upsampled, skip], dim=1), weights[level])
+            if self.modulation is not None:
+                x = self.modulation(level, x, conditioning)
         return x

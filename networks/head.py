@@ -1,4 +1,4 @@
-"""Output heads: a prompt-conditioned 1x1x1 convolution, or a plain one for the ablation."""
+"""Output heads: prompt-generated 1x1x1 convolutions, or a plain shared one for the ablation."""
 
 from __future__ import annotations
 
@@ -16,25 +16,39 @@ def prior_bias(prior: float = FOREGROUND_PRIOR) -> float:
 
 
 class PromptConditionedHead(nn.Module):
-    """A 1x1x1 convolution to one logit whose weights and bias are generated from the prompt.
+    """Convolutions to one logit whose weights and biases are generated from the prompt.
 
-    Two prompts that share a whole route share every decoder feature; this head still gives each
-    its own mask. The generated bias starts at the logit of a 10 % foreground prior for every prompt.
+    With ``hidden`` 0, a 1x1x1 convolution (a linear read-out of the decoder features); with
+    ``hidden`` > 0, two 1x1x1 convolutions with a ReLU between (``in_channels -> hidden -> 1``), so
+    each prompt draws its own non-linear boundary in feature space, as the dynamic heads of
+    CLIP-driven universal models do. Two prompts that share a whole route share every decoder
+    feature; this head still gives each its own mask. The final bias starts at the logit of a 10 %
+    foreground prior for every prompt.
 
     Args:
         in_channels: decoder channels at full resolution.
-        embedding_dim: size of the prompt embedding.
+        embedding_dim: size of the (conditioning) vector the weights are generated from.
+        hidden: width of the hidden layer; 0 for a single linear layer.
     """
 
-    def __init__(self, in_channels: int, embedding_dim: int) -> None:
+    def __init__(self, in_channels: int, embedding_dim: int, hidden: int = 0) -> None:
         super().__init__()
-        self.generator = nn.Linear(embedding_dim, in_channels + 1)
+        self.in_channels, self.hidden = in_channels, hidden
+        sizes = [in_channels + 1] if hidden == 0 else [in_channels * hidden + hidden, hidden + 1]
+        self.sizes = sizes
+        self.generator = nn.Linear(embedding_dim, sum(sizes))
         with torch.no_grad():
             self.generator.weight[-1].zero_()
             self.generator.bias[-1] = prior_bias()
 
     def forward(self, features: torch.Tensor, prompt_embedding: torch.Tensor) -> torch.Tensor:
         params = self.generator(prompt_embedding).to(features.dtype)
+        if self.hidden:
+            first, last = params.split(self.sizes, dim=1)
+            w1 = first[:, : self.in_channels * self.hidden].view(-1, self.in_channels, self.hidden)
+            b1 = first[:, self.in_channels * self.hidden :]
+            hidden = torch.einsum("nc...,nch->nh...", features, w1) + b1.view(*b1.shape, 1, 1, 1)
+            features, params = torch.relu(hidden), last
         weight, bias = params[:, :-1], params[:, -1]
         logits = torch.einsum("nc...,nc->n...", features, weight) + bias.view(-1, 1, 1, 1)
         return logits.unsqueeze(1)

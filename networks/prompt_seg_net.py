@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.conditioning import PromptProjection
 from networks.decoder import RoutedDecoder
 from networks.encoder import SwinEncoder
 from networks.head import PlainHead, PromptConditionedHead
@@ -50,6 +51,9 @@ class PromptSegNet(nn.Module):
         prompt_head: prompt-conditioned output head (True) or a plain shared convolution (False).
         encoder_depths: Swin blocks per stage (paper: 2, 2, 2, 2).
         window_size: Swin attention window (paper: 7).
+        level_conditioning: scale and shift every decoder level's features by the prompt (FiLM,
+            see ``networks/conditioning.py``); off is the paper's routing-only decoder.
+        head_hidden: hidden width of the prompt-generated head (0: one linear 1x1x1 layer).
     """
 
     def __init__(
@@ -63,15 +67,30 @@ class PromptSegNet(nn.Module):
         prompt_head: bool = True,
         encoder_depths: Sequence[int] = (2, 2, 2, 2),
         window_size: int = 7,
+        level_conditioning: bool = False,
+        head_hidden: int = 0,
     ) -> None:
         super().__init__()
+        if head_hidden < 0 or (head_hidden and not prompt_head):
+            raise ValueError(f"head_hidden must be 0, or positive with prompt_head, got {head_hidden}")
         self.embedding_dim = embedding_dim
         self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
         encoder_channels = self.encoder.out_channels
         skip_channels = [encoder_channels[4], *encoder_channels[3::-1], in_channels]
-        self.decoder = RoutedDecoder(skip_channels, decoder_channels, embedding_dim, num_paths, router_hidden_dim)
-        head = PromptConditionedHead if prompt_head else PlainHead
-        self.head = head(decoder_channels[-1], embedding_dim)
+        self.projection = PromptProjection(embedding_dim) if level_conditioning or head_hidden else None
+        conditioning_dim = self.projection.dim if self.projection is not None else embedding_dim
+        self.decoder = RoutedDecoder(
+            skip_channels,
+            decoder_channels,
+            embedding_dim,
+            num_paths,
+            router_hidden_dim,
+            conditioning_dim if level_conditioning else None,
+        )
+        if prompt_head:
+            self.head = PromptConditionedHead(decoder_channels[-1], conditioning_dim, head_hidden)
+        else:
+            self.head = PlainHead(decoder_channels[-1], conditioning_dim)
 
     @property
     def pathways(self) -> nn.ModuleList:
@@ -114,21 +133,31 @@ class PromptSegNet(nn.Module):
         hidden = self.encoder(padded)
         skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]
         router_logits, weights = self.decoder.route_weights(prompt_embedding)
+        conditioning = self.projection(prompt_embedding) if self.projection is not None else prompt_embedding
         if self.training:
-            features = self.decoder(skips, weights, image_index)
+            features = self.decoder(skips, weights, image_index, conditioning)
         else:
-            features = self._decode_unique_routes(skips, weights, image_index)
-        logits = self.head(features, prompt_embedding)
+            features = self._decode_unique_routes(skips, weights, image_index, conditioning)
+        logits = self.head(features, conditioning)
         return NetworkOutput(logits[(..., *(slice(0, s) for s in size))], router_logits)
 
     def _decode_unique_routes(
-        self, skips: list[torch.Tensor], weights: list[torch.Tensor], image_index: torch.Tensor
+        self,
+        skips: list[torch.Tensor],
+        weights: list[torch.Tensor],
+        image_index: torch.Tensor,
+        conditioning: torch.Tensor,
     ) -> torch.Tensor:
-        keys = torch.stack([image_index, *(w.argmax(dim=-1) for w in weights)], dim=1)
+        """Decode each distinct (image, route) once; with level conditioning, each distinct
+        (image, route, prompt), since the features then differ by prompt."""
+        columns = [image_index, *(w.argmax(dim=-1) for w in weights)]
+        if self.decoder.modulation is not None:
+            columns.append(torch.unique(conditioning, dim=0, return_inverse=True)[1])
+        keys = torch.stack(columns, dim=1)
         unique_keys, inverse = torch.unique(keys, dim=0, return_inverse=True)
         first = torch.zeros(len(unique_keys), dtype=torch.long, device=keys.device)
         first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
-        features = self.decoder(skips, [w[first] for w in weights], image_index[first])
+        features = self.decoder(skips, [w[first] for w in weights], image_index[first], conditioning[first])
         return features[inverse]
 
     def trimmed(self, prompt_embedding: torch.Tensor) -> PromptSegNet:

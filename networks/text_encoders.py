@@ -105,6 +105,22 @@ def _require_reachable_hub(open_clip, model_name: str, tag: str, timeout_s: floa
         ) from None
 
 
+class UnknownPromptError(KeyError, ValueError):
+    """Prompts an embedding table has no entry for; a ``KeyError`` and a ``ValueError`` with a readable message."""
+
+    def __init__(self, path: str, missing: list[str], known: list[str], shown: int = 8) -> None:
+        names = ", ".join(repr(p) for p in missing)
+        listed = ", ".join(known[:shown]) + (f", ... ({len(known)} in all)" if len(known) > shown else "")
+        self.message = (
+            f"prompt {names} not in the embedding table {path}: the table has no entry for it "
+            f"(it knows {listed or 'no prompts'})"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class EmbeddingTable(TextEncoder):
     """Precomputed prompt embeddings read from a file written by :meth:`PromptEmbedder.save_table`.
 
@@ -116,6 +132,7 @@ class EmbeddingTable(TextEncoder):
     def __init__(self, path: str, expected_identity: str | None = None) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"embedding table {path} does not exist")
+        self.path = path
         table = torch.load(path, map_location="cpu", weights_only=True)
         self.identity = table["identity"]
         if expected_identity is not None and expected_identity != self.identity:
@@ -126,7 +143,7 @@ class EmbeddingTable(TextEncoder):
     def encode(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in self.vectors]
         if missing:
-            raise KeyError(f"prompts not in the embedding table: {missing}")
+            raise UnknownPromptError(self.path, missing, list(self.vectors))
         return torch.stack([self.vectors[t] for t in texts])
 
 

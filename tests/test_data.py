@@ -173,6 +173,26 @@ def test_batches_pair_images_with_prompts_and_partial_labels(phantom_data):
     assert len(phantom_data.val_cases) == 3  # one per joint data set
 
 
+def test_each_image_is_supervised_only_on_the_tasks_its_data_set_labels(phantom_data):
+    """Partial labels: an image meets only its own data set's prompts, and each mask is the union
+    of that task's labels (the lesion data set's liver includes the liver tumour)."""
+    dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
+    prompts_of = {e.name: {t.prompt for t in e.tasks} for e in phantom_data.entries}
+    seen_nested = False
+    for index in range(60):
+        sample = dataset[index]
+        owners = [name for name, prompts in prompts_of.items() if set(sample["prompts"]) <= prompts]
+        assert len(owners) == 1, sample["prompts"]
+        assert len(sample["prompts"]) == len(set(sample["prompts"])) == min(3, len(prompts_of[owners[0]]))
+        masks = dict(zip(sample["prompts"], sample["masks"].bool()))
+        if owners[0] == "PhantomLesions" and {"liver", "liver tumor"} <= masks.keys() and masks["liver tumor"].any():
+            assert not (masks["liver tumor"] & ~masks["liver"]).any()
+            seen_nested = True
+        if seen_nested and index >= 12:
+            break
+    assert seen_nested
+
+
 def test_samples_are_reproducible_per_epoch_and_index(phantom_data):
     dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
     a, b = dataset[1], dataset[1]
@@ -248,3 +268,20 @@ def test_bad_cases_can_be_skipped(tmp_path, caplog):
     )
     data.setup()
     assert data.entries[0].cases == [] and "skipped 1 bad case" in caplog.text
+
+
+def test_augmented_samples_never_touch_cuda(phantom_data, monkeypatch):
+    """Loader workers are forked: reading or setting CUDA state there fails on a GPU node (seeding
+    is queued lazily and stays allowed). Simulate that node."""
+
+    def no_cuda(*args, **kwargs):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "init", "_lazy_init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
+    dataset.augment = Augmentation(probability=1.0).transform()
+    first, again = dataset[0], dataset[0]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["masks"], again["masks"])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -9,40 +10,205 @@ from scipy import stats
 
 from evaluate import main, markdown_table, paired_p_values, read_csv
 
+# anisotropic voxels (2 x 1.5 x 2.5 mm, 7.5 mm³) away from the world origin
+AFFINE = np.array([[2.0, 0, 0, -10], [0, 1.5, 0, 20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
 
-def write(path, array):
+
+def write(path, array, affine=AFFINE):
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.eye(4)), path)
+    nib.save(nib.Nifti1Image(np.asarray(array).astype(np.uint8), affine), path)
+
+
+def run(tmp_path, *extra: str) -> int:
+    paths = ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "Dataset001_X"), "--output"]
+    return main([*paths, str(tmp_path / "eval"), *extra])
+
+
+def cells(table: str, row_start: str) -> dict[str, str]:
+    """Task -> cell of the markdown row starting with ``row_start``."""
+    header = table.splitlines()[0].strip("|").split("|")[2:]
+    row = next(line for line in table.splitlines() if line.startswith(row_start))
+    return dict(zip((h.strip() for h in header), (c.strip() for c in row.strip("|").split("|")[2:])))
 
 
 @pytest.fixture
 def dataset(tmp_path):
+    """Three cases: liver (case i misses i of 4 slices), aorta (exact), tumour (only in case_0; case_2
+    predicts 40 false-positive voxels, 0.3 ml)."""
     gt = tmp_path / "Dataset001_X"
     (gt / "labelsTr").mkdir(parents=True)
     (gt / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "liver": 1, "aorta": 2}, "file_ending": ".nii.gz"})
+        json.dumps({"labels": {"background": 0, "liver": 1, "aorta": 2, "tumour": 3}, "file_ending": ".nii.gz"})
     )
     for i in range(3):
         labels = np.zeros((10, 10, 10), np.uint8)
         labels[2:6, 2:6, 2:6] = 1
         labels[8, 1:9, 5] = 2
+        if i == 0:
+            labels[6:8, 6:8, 2:4] = 3
         write(gt / "labelsTr" / f"case_{i}.nii.gz", labels)
         prediction = labels == 1
         prediction[2 : 2 + i, 2:6, 2:6] = False  # case i misses i of 4 slices
+        tumour = labels == 3
+        if i == 2:
+            tumour[0:2, 0:4, 0:5] = True
         write(tmp_path / "pred" / f"case_{i}_0000" / "liver.nii.gz", prediction)
         write(tmp_path / "pred" / f"case_{i}_0000" / "aorta.nii.gz", labels == 2)
+        write(tmp_path / "pred" / f"case_{i}_0000" / "tumour.nii.gz", tumour)
     return gt
 
 
 def test_per_case_values_and_table(dataset, tmp_path):
-    assert main(["--pred", str(tmp_path / "pred"), "--gt", str(dataset), "--output", str(tmp_path / "eval")]) == 0
+    assert run(tmp_path) == 0
     rows = read_csv(tmp_path / "eval" / "per_case.csv")
     liver = sorted((r for r in rows if r["task"] == "liver"), key=lambda r: r["case"])
     assert [r["Dice"] for r in liver] == pytest.approx([1.0, 2 * 48 / (48 + 64), 2 * 32 / (32 + 64)])
     assert all(r["clDice"] == 1.0 for r in rows if r["task"] == "aorta")
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| Dice | ours |" in table and (tmp_path / "eval" / "boxplot.png").stat().st_size > 0
-    assert main(["--pred", str(tmp_path / "pred"), "--gt", str(dataset), "--output", str(tmp_path / "eval")]) == 2
+    assert run(tmp_path) == 2
+
+
+def test_hd95_and_nsd_in_mm_per_case_and_in_the_table(dataset, tmp_path):
+    """Liver surfaces (56 truth, 44 / 32 predicted surface voxels): the truth's first face, 16 of 56
+    voxels (> 5 %), lies 1 slice (2 mm) from case_1's prediction and 2 slices (4 mm) from case_2's,
+    every other distance is at most 2 mm (case_1: 1.5 mm sideways), so HD95 = 0, 2, 4 mm. NSD at
+    1.9 mm: case_1 loses those 16 of 100 surface voxels."""
+    assert run(tmp_path, "--nsd-tolerance", "1.9") == 0
+    rows = read_csv(tmp_path / "eval" / "per_case.csv")
+    liver = sorted((r for r in rows if r["task"] == "liver"), key=lambda r: r["case"])
+    assert [r["HD95"] for r in liver] == pytest.approx([0.0, 2.0, 4.0])
+    assert [r["NSD"] for r in liver][:2] == pytest.approx([1.0, 84 / 100])
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert cells(table, "| HD95 | ours |")["liver"] == "2.00 ± 2.00"  # mm, not percent
+    assert cells(table, "| NSD | ours |")["aorta"] == "100.00 ± 0.00" and "tolerance 1.9 mm" in table
+
+
+def flip(array, affine, axis):
+    """The same mask with voxel order reversed along ``axis`` (same world points)."""
+    turn = np.eye(4)
+    turn[axis, axis], turn[axis, 3] = -1, array.shape[axis] - 1
+    return np.flip(array, axis), affine @ turn
+
+
+def swap_first_axes(array, affine):
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    return array.transpose(1, 0, 2), affine @ swap
+
+
+def test_reversed_or_permuted_voxel_order_scores_like_the_original(dataset, tmp_path):
+    case_1 = tmp_path / "pred" / "case_1_0000" / "liver.nii.gz"
+    case_2 = tmp_path / "pred" / "case_2_0000" / "liver.nii.gz"
+    array, affine = flip(*flip(np.asarray(nib.load(case_1).dataobj), AFFINE, 0), 2)
+    write(case_1, array, affine)
+    array, affine = flip(*swap_first_axes(np.asarray(nib.load(case_2).dataobj), AFFINE), 1)
+    write(case_2, array, affine)
+    assert run(tmp_path) == 0
+    rows = read_csv(tmp_path / "eval" / "per_case.csv")
+    liver = sorted((r for r in rows if r["task"] == "liver"), key=lambda r: r["case"])
+    assert [r["Dice"] for r in liver] == pytest.approx([1.0, 2 * 48 / (48 + 64), 2 * 32 / (32 + 64)])
+    assert [r["HD95"] for r in liver] == pytest.approx([0.0, 2.0, 4.0])
+
+
+def test_shifted_mask_is_refused_without_output(dataset, tmp_path, capsys):
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 40.0
+    path = tmp_path / "pred" / "case_1_0000" / "aorta.nii.gz"
+    write(path, np.asarray(nib.load(path).dataobj), shifted)
+    assert run(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"error: {path}: geometry differs from ")
+    assert "case_1.nii.gz" in error and "origin 40 mm away" in error
+    assert not (tmp_path / "eval").exists()
+
+
+def test_missing_case_and_masks_are_listed_or_scored_empty(dataset, tmp_path, capsys):
+    for name in ("liver", "aorta", "tumour"):
+        (tmp_path / "pred" / "case_1_0000" / f"{name}.nii.gz").unlink()
+    (tmp_path / "pred" / "case_1_0000").rmdir()
+    (tmp_path / "pred" / "case_2_0000" / "aorta.nii.gz").unlink()
+    assert run(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error:") and "4 of 9 predicted masks missing" in error
+    assert "case_1 (no folder)" in error and "case_2_0000/aorta.nii.gz" in error
+    assert not (tmp_path / "eval").exists()
+
+    assert run(tmp_path, "--missing-as-empty") == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: missing predictions scored as empty masks: case_1 (no folder)")
+    rows = {(r["case"], r["task"]): r for r in read_csv(tmp_path / "eval" / "per_case.csv")}
+    assert rows[("case_1", "liver")]["Dice"] == 0.0 and rows[("case_1", "liver")]["NSD"] == 0.0
+    assert np.isnan(rows[("case_2", "aorta")]["HD95"])  # present, predicted empty: not found
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert cells(table, "| HD95 | ours |")["aorta"] == "0.00 ± 0.00 (2 not found)"
+    assert cells(table, "| Dice | ours |")["aorta"] == f"{100 / 3:.2f} ± {np.std([100, 0, 0], ddof=1):.2f}"
+    assert "Note: missing predictions scored as empty masks (--missing-as-empty): case_1 (no folder)" in table
+
+
+def test_absent_structures_leave_the_means_and_count_as_false_positives(dataset, tmp_path):
+    assert run(tmp_path) == 0
+    rows = {(r["case"], r["task"]): r for r in read_csv(tmp_path / "eval" / "per_case.csv")}
+    assert [rows[(f"case_{i}", "tumour")]["present"] for i in range(3)] == [1, 0, 0]
+    assert np.isnan(rows[("case_1", "tumour")]["Dice"]) and np.isnan(rows[("case_2", "tumour")]["NSD"])
+    assert rows[("case_2", "tumour")]["pred_voxels"] == 40
+    assert rows[("case_2", "tumour")]["pred_ml"] == pytest.approx(40 * 7.5 / 1000)
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert cells(table, "| Dice | ours |")["tumour"] == "100.00 ± 0.00"  # case_0 only, not (1 + 1 + 0) / 3
+    assert cells(table, "| cases | ours |") == {"aorta": "3", "liver": "3", "tumour": "1"}
+    absent = table.split("### Absent-structure cases (false positives)")[1]
+    assert "| tumour | ours | 2 | 1 | 50.0 % | 0.15 |" in absent  # 0.3 ml and 0 ml
+    assert "| liver |" not in absent
+
+
+def write_other(path, rows, columns=("case", "task", "Dice", "clDice", "Tsens", "Tprec")):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_compare_uses_only_the_shared_pairs(dataset, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    metrics = {"clDice": 0.5, "Tsens": 0.5, "Tprec": 0.5}
+    write_other(
+        other,
+        [
+            {"case": "case_0", "task": "liver", "Dice": 0.5} | metrics,
+            {"case": "case_1", "task": "liver", "Dice": 0.7} | metrics,
+            {"case": "case_0", "task": "aorta", "Dice": 0.9} | metrics,
+            {"case": "case_9", "task": "liver", "Dice": 0.1} | metrics,
+        ],
+    )
+    assert run(tmp_path, "--compare", str(other)) == 0
+    out = capsys.readouterr().out
+    assert "compared with other on 2 shared cases (3 of 9 case-task pairs of ours, 3 of 4 of theirs)" in out
+    table = (tmp_path / "eval" / "table.md").read_text()
+    ours, theirs = cells(table, "| Dice | ours |"), cells(table, "| Dice | other |")
+    assert ours["liver"] == f"{(100 + 9600 / 112) / 2:.2f} ± {np.std([100, 9600 / 112], ddof=1):.2f}"  # not case_2
+    assert theirs["liver"] == f"60.00 ± {np.std([50, 70], ddof=1):.2f}"  # not case_9
+    assert "tumour" not in ours and theirs.get("aorta") == "90.00 ± 0.00"
+    assert cells(table, "| HD95 | other |")["liver"] == "-"  # an older CSV without HD95
+
+
+def test_compare_without_shared_pairs_or_columns_is_one_line(dataset, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    write_other(other, [{"case": "case_9", "task": "liver", "Dice": 0.1}])
+    assert run(tmp_path, "--compare", str(other)) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: {other}: no (case, task) pair in common with this evaluation\n"
+    write_other(other, [{"case": "case_0", "Dice": 0.1}], columns=("case", "Dice"))
+    assert run(tmp_path, "--compare", str(other)) == 2
+    assert capsys.readouterr().err == f"error: {other}: no 'task' column\n"
+    assert not (tmp_path / "eval").exists()
+
+
+def test_argument_errors_are_one_line(dataset, tmp_path, capsys):
+    assert run(tmp_path, "--nsd-tolerance", "-1") == 2
+    assert capsys.readouterr().err == "error: --nsd-tolerance must be a finite number of mm >= 0, got -1.0\n"
+    assert run(tmp_path, "--nsd-tolerance", "two") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: argument --nsd-tolerance")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_paired_t_test_matches_scipy_and_marks_significance():
@@ -56,6 +222,9 @@ def test_paired_t_test_matches_scipy_and_marks_significance():
     assert p[("t", "Dice")] == pytest.approx(expected) and expected < 0.05
     assert ("t", "clDice") not in p  # identical values: no test
     table = markdown_table({"ours": ours, "other": other}, {"other": p})
+    absent = {"case": "9", "task": "t", "present": 0, "Dice": 1.0, "clDice": 1.0, "Tsens": 1.0, "Tprec": 1.0}
+    with_absent = paired_p_values([*ours, absent], [*other, absent | {"Dice": 0.0}])
+    assert with_absent[("t", "Dice")] == pytest.approx(expected)  # the absent pair stays out of the test
     assert "| Dice | other |" in table and "*" in table.split("| Dice | other |")[1].splitlines()[0]
 
 

@@ -33,12 +33,12 @@ def test_print_config_resolves_the_quickstart():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["num_paths"] == 6 and config["data"]["patch_size"] == 64
+    assert config["model"]["init_args"]["num_paths"] == 6 and config["data"]["patch_size"] == 64
 
 
 def test_paper_config_carries_the_paper_hyper_parameters():
     config = yaml.safe_load(Path("configs/paper.yaml").read_text())
-    model, data = config["model"], config["data"]
+    model, data = config["model"]["init_args"], config["data"]
     assert (model["num_paths"], model["joint_epochs"], model["path_epochs"]) == (6, 3000, 1000)
     assert (model["lr"], model["weight_decay"], model["betas"][0]) == (2e-4, 1e-5, 0.9)
     assert data["spacing_candidates"] == [0.6, 1.0, 1.5] and data["random_spacing_probability"] == 0.1
@@ -60,4 +60,4 @@ def test_sweep_command_renders_into_arguments_train_py_parses():
         [sys.executable, "train.py", *args, "--print_config"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert yaml.safe_load(result.stdout)["model"]["lr"] == 3e-4
+    assert yaml.safe_load(result.stdout)["model"]["init_args"]["lr"] == 3e-4

@@ -19,7 +19,12 @@ def test_bf16_training_step_and_trimmed_equivalence_on_gpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = network(image, prompts).logits
     logits.float().mean().backward()
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in network.parameters())
+    shared = [p for n, p in network.named_parameters() if not n.startswith("decoder.pathways.")]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in shared)
+    assert all(p.grad.abs().sum() > 0 for p in network.encoder.parameters())
+    for pathway in network.pathways:
+        ran = [k for k, m in pathway.sub_pathways.items() if m.conv1.conv.weight.grad is not None]
+        assert 1 <= len(ran) <= 2 and all(torch.isfinite(p.grad).all() for k in ran for p in pathway.sub_pathways[k].parameters())
     network.eval()
     trimmed = network.trimmed(prompts[:1])
     with torch.no_grad():

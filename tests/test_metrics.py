@@ -6,6 +6,7 @@ import torch
 
 from lightning_modules.losses import dice_bce_loss, soft_cl_dice_loss
 from metrics.segmentation import cl_dice, dice, topology_precision, topology_sensitivity
+from metrics.surface import hd95, surface_dice
 
 
 def test_dice_hand_computed():
@@ -38,6 +39,44 @@ def test_topology_metrics_on_a_broken_tube():
     assert cl_dice(prediction, truth) == pytest.approx(2 * precision * sensitivity / (precision + sensitivity))
 
 
+SPACING = (2.0, 1.0, 0.5)  # mm along the array axes
+
+
+def shifted_cubes() -> tuple[np.ndarray, np.ndarray]:
+    """6³ cubes, the second 2 voxels (4 mm) further along axis 0: 152 surface voxels each."""
+    a = np.zeros((14, 12, 12), bool)
+    a[2:8, 2:8, 2:8] = True
+    return a, np.roll(a, 2, axis=0)
+
+
+def test_hd95_of_shifted_cubes_in_mm():
+    """Each cube's leading face (36 of 152 surface voxels, > 5 %) lies 2 voxels = 4 mm from the other
+    surface, no surface voxel further: HD95 = 4 mm (2 with the spacing ignored)."""
+    a, b = shifted_cubes()
+    assert hd95(a, b, SPACING) == pytest.approx(4.0) and hd95(b, a, SPACING) == pytest.approx(4.0)
+    assert hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(2.0)
+    stray = a.copy()
+    stray[12, 10, 10] = True  # 1 of 153 surface voxels, 10 mm away: below the 95th percentile
+    assert hd95(stray, a, SPACING) == 0.0
+
+
+def test_nsd_of_shifted_cubes_at_two_tolerances():
+    """Per cube: 36 face voxels at 4 mm, a 20-voxel ring at 2 mm (1 voxel along axis 0), the rest at
+    most 1 mm: within 2 mm 116 of 152, within 1.9 mm 96 of 152, within 4 mm all."""
+    a, b = shifted_cubes()
+    assert surface_dice(a, b, SPACING, 2.0) == pytest.approx(116 / 152)
+    assert surface_dice(a, b, SPACING, 1.9) == pytest.approx(96 / 152)
+    assert surface_dice(a, b, SPACING, 4.0) == pytest.approx(1.0)
+
+
+def test_surface_metrics_with_empty_masks():
+    a, _ = shifted_cubes()
+    empty = np.zeros_like(a)
+    assert np.isnan(hd95(empty, a, SPACING)) and surface_dice(empty, a, SPACING, 2.0) == 0.0  # not found
+    assert np.isnan(hd95(a, empty, SPACING)) and surface_dice(a, empty, SPACING, 2.0) == 0.0
+    assert np.isnan(hd95(empty, empty, SPACING)) and np.isnan(surface_dice(empty, empty, SPACING, 2.0))
+
+
 def test_losses_are_low_for_a_confident_correct_prediction():
     target = torch.zeros(1, 1, 16, 16, 16)
     target[..., 4:12, 6:10, 6:10] = 1
@@ -45,3 +84,23 @@ def test_losses_are_low_for_a_confident_correct_prediction():
     bad = -good
     assert dice_bce_loss(good, target) < 0.05 < dice_bce_loss(bad, target)
     assert soft_cl_dice_loss(good, target) < 0.05 < soft_cl_dice_loss(bad, target)
+
+
+def test_empty_targets_take_cross_entropy_only_hand_computed():
+    """p = 0.5 everywhere, 32 voxels a pair; pair 0 holds one foreground voxel, pair 1 none."""
+    import math
+
+    logits = torch.zeros(2, 1, 2, 4, 4, requires_grad=True)
+    target = torch.zeros(2, 1, 2, 4, 4)
+    target[0, 0, 1, 1, 1] = 1
+    dice_term = 1 - (2 * 0.5 + 1) / (32 * 0.5 + 1 + 1)  # pair 0 only
+    expected = dice_term + math.log(2)
+    assert dice_bce_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert dice_bce_loss(logits, torch.zeros_like(target)).item() == pytest.approx(math.log(2), rel=1e-6)
+    focal = dice_bce_loss(logits, torch.zeros_like(target), focal_gamma=2.0).item()
+    assert focal == pytest.approx(0.25 * math.log(2), rel=1e-6)  # (1 - p_t)^2 = 0.25
+    empty_cl = soft_cl_dice_loss(logits, torch.zeros_like(target))
+    assert empty_cl.item() == 0.0 and empty_cl.requires_grad
+    # The empty pair's logits get only the cross-entropy gradient: sigmoid(0) / voxels.
+    dice_bce_loss(logits, target).backward()
+    assert torch.allclose(logits.grad[1], torch.full_like(logits.grad[1], 0.5 / 64))

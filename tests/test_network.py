@@ -32,14 +32,25 @@ def test_bad_image_rank_is_rejected():
 
 
 def test_eval_routing_is_deterministic_and_depends_on_the_prompt_only():
+    """The sub-pathways that actually run are the prompt's ``routes``, whatever the image."""
     net = tiny().eval()
     prompts = torch.randn(4, EMBED)
-    first, second = net.routes(prompts), net.routes(prompts)
-    assert torch.equal(first, second)
-    image = torch.randn(1, 1, 32, 32, 32)
-    a = net(image, prompts[:1]).logits
-    b = net(image, prompts[:1]).logits
-    assert torch.equal(a, b)
+    assert torch.equal(net.routes(prompts), net.routes(prompts))
+    ran: list[tuple[int, str]] = []
+    for level, pathway in enumerate(net.pathways):
+        for key, sub_pathway in pathway.sub_pathways.items():
+            sub_pathway.register_forward_hook(lambda *_, level=level, key=key: ran.append((level, key)))
+    routes_by_image = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        image = torch.randn(1, 1, 32, 32, 32) * seed
+        for prompt in prompts:
+            ran.clear()
+            net(image, prompt[None])
+            routes_by_image.append(sorted(ran))
+    expected = [sorted((level, str(int(k))) for level, k in enumerate(route)) for route in net.routes(prompts)]
+    assert routes_by_image == expected + expected
+    assert len({tuple(r) for r in expected}) > 1  # different prompts do take different routes here
 
 
 def test_gradients_reach_router_and_only_the_selected_sub_pathways():
@@ -146,3 +157,53 @@ def test_heads_start_at_the_foreground_prior(prompt_head):
     probability = torch.sigmoid(network.head(features, torch.randn(3, EMBED)))
     assert probability.shape == (3, 1, 8, 8, 8)
     assert torch.allclose(probability, torch.full_like(probability, FOREGROUND_PRIOR), atol=1e-6)
+
+
+def test_level_conditioning_starts_as_the_identity_and_separates_prompts_on_one_route():
+    net = tiny(level_conditioning=True, head_hidden=4).eval()
+    modulation = net.decoder.modulation
+    features = torch.randn(2, 24, 4, 4, 4)
+    assert torch.equal(modulation(0, features, torch.randn(2, 128)), features)
+    with torch.no_grad():
+        for generator in modulation.generators:
+            generator.weight.normal_()
+    for pathway in net.pathways:  # one route for every prompt
+        pathway.keep_only({0})
+        with torch.no_grad():
+            pathway.router.layers[-1].bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+    prompts = torch.randn(2, EMBED)
+    image = torch.randn(1, 1, 32, 32, 32)
+    assert torch.equal(net.routes(prompts)[0], net.routes(prompts)[1])
+    together = net(image, prompts, torch.tensor([0, 0])).logits
+    alone = torch.cat([net(image, p[None]).logits for p in prompts])
+    assert torch.allclose(together, alone, atol=1e-5)  # shared-route decoding keeps prompts apart
+    assert not torch.allclose(together[0], together[1], atol=1e-3)
+
+
+def test_hidden_head_matches_a_hand_computed_two_layer_read_out():
+    from networks.head import PromptConditionedHead
+
+    torch.manual_seed(0)
+    head = PromptConditionedHead(3, 5, hidden=2)
+    features, embedding = torch.randn(1, 3, 2, 2, 2), torch.randn(1, 5)
+    params = head.generator(embedding)[0]
+    w1, b1, w2, b2 = params[:6].view(3, 2), params[6:8], params[8:10], params[10]
+    hidden = torch.relu(torch.einsum("cxyz,ch->hxyz", features[0], w1) + b1.view(2, 1, 1, 1))
+    expected = torch.einsum("hxyz,h->xyz", hidden, w2) + b2
+    assert torch.allclose(head(features, embedding)[0, 0], expected, atol=1e-6)
+    assert abs(torch.sigmoid(params[10]).item() - FOREGROUND_PRIOR) < 1e-6
+
+
+def test_reference_network_selects_one_output_channel_per_task():
+    from networks.reference_net import ReferenceNet
+
+    torch.manual_seed(0)
+    net = ReferenceNet(3, (4, 4, 8, 8, 16, 16)).eval()
+    image = torch.randn(2, 1, 40, 36, 33)
+    every = net.unet(torch.nn.functional.pad(image, (0, 31, 0, 28, 0, 24)))[..., :40, :36, :33]
+    output = net(image, torch.eye(3)[[2, 0, 1]], torch.tensor([0, 1, 1]))
+    assert output.logits.shape == (3, 1, 40, 36, 33)
+    for pair, (image_index, channel) in enumerate([(0, 2), (1, 0), (1, 1)]):
+        assert torch.allclose(output.logits[pair, 0], every[image_index, channel], atol=1e-5)
+    with pytest.raises(ValueError, match="only its training prompts"):
+        net(image[:1], torch.randn(1, 3))

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from callbacks import CosineWarmRestarts, PruningExport
 from callbacks.lr_schedule import warm_restart_factor
@@ -157,7 +158,7 @@ def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, p
     assert segment_main(args) == 0
     source = nib.load(image)
     for slug in ("liver", "aorta"):
-        mask = nib.load(tmp_path / "out" / image.name.removesuffix(".nii.gz") / f"{slug}.nii.gz")
+        mask = nib.load(tmp_path / "out" / image.name.removesuffix(".nii.gz").removesuffix("_0000") / f"{slug}.nii.gz")
         assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
     assert segment_main(args) == 2  # exists, no --overwrite
@@ -167,7 +168,7 @@ def test_segment_writes_masks_on_the_input_grid_and_refuses_overwrite(trained, p
     full_args[full_args.index(str(tmp_path / "out"))] = str(tmp_path / "full")
     assert segment_main(full_args) == 0
     for slug in ("liver", "aorta"):
-        case = image.name.removesuffix(".nii.gz")
+        case = image.name.removesuffix(".nii.gz").removesuffix("_0000")
         a = np.asanyarray(nib.load(tmp_path / "out" / case / f"{slug}.nii.gz").dataobj)
         b = np.asanyarray(nib.load(tmp_path / "full" / case / f"{slug}.nii.gz").dataobj)
         assert np.array_equal(a, b)
@@ -219,6 +220,69 @@ def test_resume_at_the_phase_boundary_continues_like_the_uninterrupted_run(phant
     assert resumed.phase == 2
     for (name, a), (_, b) in zip(straight.network.state_dict().items(), resumed.network.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+class LearningRates(L.Callback):
+    """Records (epoch, phase, lr of the first group) at the first batch of every epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.seen.append((trainer.current_epoch, module.phase, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_resume_mid_phase_two_continues_like_the_uninterrupted_run(phantom_registry, tmp_path):
+    """Stopped in phase 2, resumed: same sub-pathways trainable, same optimiser groups, same weights."""
+    settings = dict(joint_epochs=2, path_epochs=2)
+    L.seed_everything(0)
+    straight = module(**settings)
+    rates = LearningRates()
+    trainer(tmp_path / "a", 4, callbacks=[rates]).fit(straight, data_module(phantom_registry, tmp_path / "cache"))
+    L.seed_everything(0)
+    trainer(tmp_path / "b", 3).fit(module(**settings), data_module(phantom_registry, tmp_path / "cache"))
+    assert read_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")["phase"] == 2
+    L.seed_everything(1)
+    resumed = module(**settings)
+    trainer(tmp_path / "b", 4).fit(
+        resumed,
+        data_module(phantom_registry, tmp_path / "cache"),
+        ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"),
+    )
+    trainable = lambda m: {n for n, p in m.network.named_parameters() if p.requires_grad}  # noqa: E731
+    assert resumed.phase == 2 and trainable(resumed) == trainable(straight)
+    for (name, a), (_, b) in zip(straight.network.state_dict().items(), resumed.network.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    # Phase 2 restarts the schedule: its first epoch runs at the warm-up value, not the full lr.
+    warmup_factor = warm_restart_factor(0, 1, 2, 1.0, 0.0)
+    assert [(e, phase) for e, phase, _ in rates.seen] == [(0, 1), (1, 1), (2, 2), (3, 2)]
+    assert rates.seen[2][2] == pytest.approx(1e-3 * warmup_factor) and rates.seen[2][2] == rates.seen[0][2]
+
+
+@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/paper.yaml"])
+def test_last_checkpoint_is_written_every_epoch_whatever_the_validation_interval(config, phantom_registry, tmp_path):
+    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    settings = next(c["init_args"] for c in callbacks if c["init_args"].get("filename") == "latest")
+    saved_epochs = []
+
+    class Spy(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            last = tmp_path / "ckpt" / "last.ckpt"
+            saved_epochs.append(read_checkpoint(last)["epoch"] if last.exists() else None)
+
+    run = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=5,
+        num_sanity_val_steps=0,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(**settings | {"dirpath": tmp_path / "ckpt"}), Spy()],
+    )
+    run.fit(module(joint_epochs=3, path_epochs=0), data_module(phantom_registry, tmp_path / "cache"))
+    assert saved_epochs == [None, 0, 1]
 
 
 def test_few_shot_routes_prunes_and_freezes_the_encoder(trained, fewshot_registry, tmp_path):
@@ -294,7 +358,9 @@ def test_ddp_on_two_cpu_processes(phantom_registry, tmp_path):
         "--trainer.max_epochs",
         "1",
         "--trainer.limit_val_batches",
-        "0",
+        "2",  # each rank validates its own cases; the logged means gather every rank's
+        "--trainer.check_val_every_n_epoch",
+        "1",
         "--trainer.logger",
         "false",
         "--trainer.default_root_dir",
@@ -416,3 +482,75 @@ def test_dicom_series_segments_like_its_nifti_twin_with_label_map_and_preview(tr
         b = nib.as_closest_canonical(from_dicom)
         assert np.allclose(a.affine, b.affine, atol=1e-3)
         assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+
+
+def test_reference_network_trains_on_partial_labels_and_segments_through_segment_py(
+    phantom_registry, phantom_root, tmp_path, capsys
+):
+    from lightning_modules.reference import ReferenceModule
+
+    L.seed_everything(0)
+    reference = ReferenceModule(filters=(4, 4, 8, 8, 16, 16), lr=1e-3, sw_roi=64, sw_batch_size=1)
+    data = data_module(phantom_registry, tmp_path / "cache")
+    before = None
+
+    class FirstWeights(L.Callback):
+        def on_train_start(self, trainer, module) -> None:
+            nonlocal before
+            before = module.network.unet.output_block.conv.conv.weight.detach().clone()
+
+    trainer(tmp_path, 2, validate=True, callbacks=[FirstWeights()]).fit(reference, data)
+    assert reference.prompts == sorted({t.prompt for t in data.tasks}) and len(reference.prompts) == 15
+    assert not torch.equal(before, reference.network.unet.output_block.conv.conv.weight)
+    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    image = next((phantom_root / "Dataset002_PhantomThorax" / "imagesTr").glob("*.nii.gz"))
+    output = tmp_path / "segment"
+    args = ["--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--input", str(image), "--output", str(output)]
+    assert segment_main([*args, "--prompt", "aorta", "--prompt", "lung"]) == 0
+    masks = sorted(p.name for p in output.rglob("*.nii.gz"))
+    assert masks == ["aorta.nii.gz", "lung.nii.gz"] and model.network.num_tasks == 15
+    assert segment_main([*args, "--prompt", "renal artery", "--overwrite"]) == 2
+    assert "segments only its training prompts" in capsys.readouterr().err
+
+
+def test_routing_callback_counts_route_changes_and_writes_the_map(tmp_path):
+    import json
+
+    from callbacks.routing_map import RoutingHeatmap
+
+    sequence = [
+        {"a": (0, 1), "b": (2, 2)},
+        {"a": (0, 1), "b": (2, 2)},
+        {"a": (1, 1), "b": (2, 0)},
+        {"a": (1, 0), "b": (2, 0)},
+    ]
+    logged = []
+
+    class Module:
+        task_prompts = ["a", "b"]
+        hparams = {"num_paths": 3}
+
+        def current_routes(self):
+            return sequence[min(len(logged), len(sequence) - 1)]
+
+        def log(self, name, value):
+            logged.append(value)
+
+    class Trainer:
+        sanity_checking, is_global_zero, log_dir, loggers, current_epoch, global_step = (
+            False,
+            True,
+            str(tmp_path),
+            [],
+            3,
+            4,
+        )
+
+    callback, module = RoutingHeatmap(), Module()
+    module.hparams = type("H", (), {"num_paths": 3})()
+    for step in range(4):
+        callback.on_train_batch_end(Trainer(), module, None, None, step)
+    assert logged == [0.0, 0.0, 2.0, 3.0]
+    callback.on_validation_epoch_end(Trainer(), module)
+    record = json.loads((tmp_path / "routing" / "epoch0003.json").read_text())
+    assert record["route_changes"] == 3 and record["routes"] == {"a": [1, 0], "b": [2, 0]}

@@ -1,0 +1,68 @@
+"""The reference network: MONAI's DynUNet (an nnU-Net-style U-Net) with one sigmoid output per task.
+
+It is the standard way to train one model on many partially labelled tasks without prompts, and
+the peer in every results table: it shows what the data allow on the same budget. It answers
+only the prompts it was trained on; its "prompt embeddings" are one-hot rows that select an
+output channel, so it plugs into the same sliding-window prediction, validation and
+``segment.py`` as :class:`networks.prompt_seg_net.PromptSegNet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from networks.head import prior_bias
+from networks.prompt_seg_net import DIVISOR, MIN_SIZE, NetworkOutput, _pad_to_multiple
+
+
+class ReferenceNet(nn.Module):
+    """DynUNet with ``num_tasks`` output channels; pairs select their channel by a one-hot row.
+
+    Args:
+        num_tasks: output channels, one per training prompt.
+        filters: channels at the six resolutions, full to 1/32 (nnU-Net: 32, 64, 128, 256, 320, 320).
+        in_channels: image channels.
+    """
+
+    def __init__(self, num_tasks: int, filters: Sequence[int] = (32, 64, 128, 256, 320, 320), in_channels: int = 1):
+        super().__init__()
+        if num_tasks < 1 or len(filters) != 6:
+            raise ValueError(f"num_tasks >= 1 and six filters required, got {num_tasks} and {list(filters)}")
+        self.num_tasks = num_tasks
+        self.unet = DynUNet(
+            3,
+            in_channels,
+            num_tasks,
+            kernel_size=[3] * 6,
+            strides=[1, 2, 2, 2, 2, 2],
+            upsample_kernel_size=[2] * 5,
+            filters=list(filters),
+            norm_name="instance",
+            res_block=True,
+        )
+        with torch.no_grad():
+            self.unet.output_block.conv.conv.bias.fill_(prior_bias())
+
+    def channels(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        """The output channel each one-hot row selects; anything else is refused."""
+        one_hot = prompt_embedding.shape[-1] == self.num_tasks and bool(
+            ((prompt_embedding == 0) | (prompt_embedding == 1)).all() and (prompt_embedding.sum(-1) == 1).all()
+        )
+        if not one_hot:
+            raise ValueError("the reference network segments only its training prompts (one-hot task rows)")
+        return prompt_embedding.argmax(dim=-1)
+
+    def forward(
+        self, image: torch.Tensor, prompt_embedding: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> NetworkOutput:
+        """Logits (N, 1, ...) of N (image, task) pairs, as :meth:`PromptSegNet.forward`."""
+        if image_index is None:
+            image_index = torch.arange(image.shape[0], device=image.device)
+        size = image.shape[2:]
+        logits = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE))[(..., *(slice(0, s) for s in size))]
+        channels = self.channels(prompt_embedding).to(image_index.device)
+        return NetworkOutput(logits[image_index, channels][:, None], [])
