@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 
@@ -67,7 +68,8 @@ def score(predict, data: MultiTaskDataModule, method: str, shots: int) -> list[d
     rows = []
     for case in data.val_dataloader().dataset:
         probability = predict(case["image"])
-        prediction, truth = (probability[0] > 0.5).cpu().numpy(), case["masks"][0, 0].bool().numpy()
+        prediction = (probability[0] > 0.5).cpu().numpy()
+        truth = np.isin(case["labels"].numpy(), case["label_values"][0])
         rows.append(
             {"method": method, "shots": shots, "case": case["case"], "task": case["prompts"][0]}
             | {m: f(prediction, truth) for m, f in METRICS.items()}

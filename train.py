@@ -1,15 +1,35 @@
-"""Train, validate, test or predict with LightningCLI: ``python train.py fit --config configs/quickstart.yaml``."""
+"""Train, validate, test or predict with LightningCLI: ``python train.py fit --config configs/quickstart.yaml``.
+
+Before fitting, the data registry and every case are checked; all problems are printed together,
+one ``error:`` line each, and the run stops with exit code 2 before any log folder is made.
+"""
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.config_logging import SaveAndLogConfig
 from datamodules.multitask import MultiTaskDataModule
+from datamodules.registry import RegistryError
+from datamodules.volumes import BadCaseError
 from lightning_modules.prompt_seg_module import PromptSegModule  # noqa: F401  (the default model)
 from lightning_modules.validation import VolumeValidation
 
 
+class PromptSegCLI(LightningCLI):
+    """LightningCLI that checks the data before ``fit`` makes any output."""
+
+    def before_fit(self) -> None:
+        try:
+            self.datamodule.setup("fit")
+        except (RegistryError, BadCaseError, FileNotFoundError, ValueError) as error:
+            for line in str(error).splitlines():
+                print(f"error: {line.strip()}", file=sys.stderr)
+            sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
-    return LightningCLI(
+    return PromptSegCLI(
         VolumeValidation,
         MultiTaskDataModule,
         subclass_mode_model=True,

@@ -128,7 +128,9 @@ class TrainingPatches(Dataset):
 
 
 class ValidationVolumes(Dataset):
-    """Whole preprocessed validation volumes at their closest spacing, with every task's mask."""
+    """Whole preprocessed validation volumes at their closest spacing, with the label map and each
+    task's label values (masks are made one task at a time, so 100 tasks of a 512x512x300 volume
+    never sit in memory together)."""
 
     def __init__(self, module: MultiTaskDataModule, cases: list[Case]) -> None:
         self.module = module
@@ -142,10 +144,10 @@ class ValidationVolumes(Dataset):
         m = self.module
         volume = m.volume(case, m.preprocessing.closest_spacing(m.case_spacing(case)))
         tasks = m.tasks_of(case.dataset)
-        masks = torch.stack([torch.isin(volume.labels, torch.tensor(t.label_values)) for t in tasks]).float()
         return {
             "image": volume.image.float()[None],
-            "masks": masks[:, None],
+            "labels": volume.labels,
+            "label_values": [t.label_values for t in tasks],
             "prompts": [t.prompt for t in tasks],
             "tubular": torch.tensor([t.tubular for t in tasks]),
             "case": f"{case.dataset}/{case.case_id}",
@@ -282,17 +284,21 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._split()
 
     def _validate_cases(self) -> None:
-        """Read every case once (filling the cache at its closest spacing); report each bad file."""
+        """Read every new or changed case once (filling the cache at its closest spacing) and report
+        each bad file; cases checked at an earlier start with unchanged files are not re-read
+        (``manifest.json`` in the cache folder)."""
         faults: list[str] = []
         for entry in self.entries:
             good = []
+            known = set(entry.labels.values())
             for case in entry.cases:
                 try:
-                    self._spacings[case] = self._read_spacing(case, set(entry.labels.values()))
+                    self._spacings[case] = self.cache.checked_spacing(case, known) or self._read_spacing(case, known)
                     good.append(case)
                 except BadCaseError as error:
                     faults.append(str(error))
             entry.cases = good
+        self.cache.save_manifest()
         if faults and not self.skip_bad_cases:
             raise BadCaseError(f"{len(faults)} bad case(s):\n" + "\n".join(faults))
         if faults:
@@ -302,6 +308,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         subject = read_case(case, known_values)
         spacing = tuple(float(s) for s in subject["image"].spacing)
         self.cache.load(case, self.preprocessing.closest_spacing(spacing), known_values, subject)
+        self.cache.remember(case, known_values, spacing)
         return spacing
 
     def case_spacing(self, case: Case) -> tuple[float, ...]:

@@ -59,15 +59,32 @@ class DatasetEntry:
     tasks: list[Task] = field(default_factory=list)
 
 
+class RegistryError(ValueError):
+    """Every problem found in a data registry, one line each (``problems``)."""
+
+    def __init__(self, registry: Path, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} problem(s) in data registry {registry}:\n" + "\n".join(problems))
+        self.problems = problems
+
+
 def load_registry(path: str | Path, tubular_default: tuple[str, ...] = ()) -> list[DatasetEntry]:
-    """Read a registry YAML and list each data set's cases and tasks."""
+    """Read a registry YAML and list each data set's cases and tasks; every problem of every data
+    set is reported together (:class:`RegistryError`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data registry {path} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
     if not spec.get("datasets"):
         raise ValueError(f"data registry {path} lists no datasets")
-    return [_load_entry(item, path, tubular_default) for item in spec["datasets"]]
+    entries, problems = [], []
+    for item in spec["datasets"]:
+        try:
+            entries.append(_load_entry(item, path, tubular_default))
+        except (ValueError, FileNotFoundError) as error:
+            problems += str(error).splitlines()
+    if problems:
+        raise RegistryError(path, problems)
+    return entries
 
 
 def _load_entry(item: dict, registry: Path, tubular_default: tuple[str, ...]) -> DatasetEntry:
@@ -87,14 +104,17 @@ def _load_entry(item: dict, registry: Path, tubular_default: tuple[str, ...]) ->
 
 def _tasks(item: dict, labels: dict[str, int], tubular_default: tuple[str, ...]) -> list[Task]:
     specs = item.get("tasks") or [{"prompt": name, "labels": [name]} for name in labels if name != "background"]
-    tasks = []
+    tasks, problems = [], []
     for spec in specs:
         unknown = [name for name in spec.get("labels", [spec["prompt"]]) if name not in labels]
         if unknown:
-            raise ValueError(f"dataset {item['name']}: task {spec['prompt']!r} names unknown labels {unknown}")
+            problems.append(f"dataset {item['name']}: task {spec['prompt']!r} names unknown labels {unknown}")
+            continue
         values = tuple(labels[name] for name in spec.get("labels", [spec["prompt"]]))
         tubular = bool(spec.get("tubular", spec["prompt"] in tubular_default))
         tasks.append(Task(item["name"], spec["prompt"], values, tubular, tuple(spec.get("aliases", ()))))
+    if problems:
+        raise ValueError("\n".join(problems))
     return tasks
 
 

@@ -187,12 +187,48 @@ class VolumeCache:
         self.enabled = enabled
         self.hits = 0
         self.misses = 0
+        self.checked: dict[str, list[float]] = self._read_manifest()
+
+    @staticmethod
+    def _stamp(case: Case) -> list:
+        files = [case.image, *([case.label_map] if case.label_map else []), *(p for _, p in case.structure_files)]
+        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
 
     def key(self, case: Case, spacing: float) -> str:
-        files = [case.image, *([case.label_map] if case.label_map else []), *(p for _, p in case.structure_files)]
-        stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
-        payload = json.dumps([self.preprocessing.as_dict(), spacing, stamp], sort_keys=True, default=str)
+        payload = json.dumps([self.preprocessing.as_dict(), spacing, self._stamp(case)], sort_keys=True, default=str)
         return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+    # ------------------------------------------------------------------ manifest of checked cases
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def _read_manifest(self) -> dict[str, list[float]]:
+        if not self.enabled or not self.manifest.is_file():
+            return {}
+        try:
+            return dict(json.loads(self.manifest.read_text()))
+        except (ValueError, TypeError):
+            return {}  # a damaged manifest only costs a re-read of the sources
+
+    def _source_key(self, case: Case, known_values: set[int]) -> str:
+        payload = json.dumps([self._stamp(case), sorted(known_values)], default=str)
+        return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+    def checked_spacing(self, case: Case, known_values: set[int]) -> tuple[float, ...] | None:
+        """The voxel spacing of a case already read and found good, if its source files (size,
+        modification time) and the known label values are unchanged since."""
+        spacing = self.checked.get(self._source_key(case, known_values))
+        return tuple(spacing) if spacing else None
+
+    def remember(self, case: Case, known_values: set[int], spacing: tuple[float, ...]) -> None:
+        self.checked[self._source_key(case, known_values)] = list(spacing)
+
+    def save_manifest(self) -> None:
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self.checked, indent=0, sort_keys=True)
+            atomic_write(self.manifest, lambda temporary: temporary.write_text(text))
 
     def load(
         self, case: Case, spacing: float, known_values: set[int], subject: tio.Subject | None = None

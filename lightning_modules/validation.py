@@ -37,27 +37,35 @@ class VolumeValidation(L.LightningModule):
         super().__init__()
         self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.overlay_sample: tuple | None = None  # first validation volume, for the overlay callback
+        self.validation_prompt_chunk = 8  # prompts whose full-volume probabilities are held at once
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        probabilities = predict_volume(
-            self.network,
-            batch["image"].to(self.device),
-            self.embed(batch["prompts"]),
-            self.hparams.sw_roi,
-            self.hparams.sw_overlap,
-            self.hparams.sw_batch_size,
-        )
-        if batch_idx == 0:
-            self.overlay_sample = (batch["image"][0, 0].cpu().numpy(), probabilities.cpu().numpy(), batch["prompts"])
-        for prompt, probability, mask, tubular in zip(
-            batch["prompts"], probabilities, batch["masks"], batch["tubular"]
-        ):
-            prediction, truth = (probability > 0.5).cpu().numpy(), mask[0].bool().cpu().numpy()
-            for metric, value in validation_scores(prediction, truth, bool(tubular)).items():
-                self.validation_scores[metric][prompt].append(value)
+        """Predict ``validation_prompt_chunk`` prompts at a time, stitched on the CPU, and score
+        each against its mask made from the label map just then."""
+        image, labels = batch["image"].to(self.device), batch["labels"].numpy()
+        chunk = self.validation_prompt_chunk
+        for start in range(0, len(batch["prompts"]), chunk):
+            prompts = batch["prompts"][start : start + chunk]
+            probabilities = predict_volume(
+                self.network,
+                image,
+                self.embed(prompts),
+                self.hparams.sw_roi,
+                self.hparams.sw_overlap,
+                self.hparams.sw_batch_size,
+                device=torch.device("cpu"),
+            )
+            if batch_idx == 0 and start == 0:
+                self.overlay_sample = (batch["image"][0, 0].numpy(), probabilities.numpy(), prompts)
+            for offset, (prompt, probability) in enumerate(zip(prompts, probabilities)):
+                task = start + offset
+                truth = np.isin(labels, batch["label_values"][task])
+                scores = validation_scores((probability > 0.5).numpy(), truth, bool(batch["tubular"][task]))
+                for metric, value in scores.items():
+                    self.validation_scores[metric][prompt].append(value)
 
     def on_validation_epoch_end(self) -> None:
         """Log the means over every rank's cases: each rank validates some cases, every rank logs

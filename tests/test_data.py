@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -285,3 +286,23 @@ def test_augmented_samples_never_touch_cuda(phantom_data, monkeypatch):
     dataset.augment = Augmentation(probability=1.0).transform()
     first, again = dataset[0], dataset[0]
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["masks"], again["masks"])
+
+
+def test_a_second_start_reads_no_unchanged_source_file(phantom_registry, tmp_path, monkeypatch):
+    import datamodules.multitask as multitask
+
+    def data() -> MultiTaskDataModule:
+        return MultiTaskDataModule(registry=str(phantom_registry), cache_dir=str(tmp_path), spacing_candidates=(3.0,))
+
+    first = data()
+    first.setup()
+    reads = []
+    original = multitask.read_case
+    monkeypatch.setattr(multitask, "read_case", lambda case, known: reads.append(case) or original(case, known))
+    second = data()
+    second.setup()
+    assert reads == [] and second._spacings == first._spacings
+    changed = second.entries[0].cases[0].image
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    data().setup()
+    assert [case.image for case in reads] == [changed]

@@ -554,3 +554,45 @@ def test_routing_callback_counts_route_changes_and_writes_the_map(tmp_path):
     callback.on_validation_epoch_end(Trainer(), module)
     record = json.loads((tmp_path / "routing" / "epoch0003.json").read_text())
     assert record["route_changes"] == 3 and record["routes"] == {"a": [1, 0], "b": [2, 0]}
+
+
+def test_every_registry_and_case_problem_is_one_error_line_before_any_output(phantom_root, tmp_path):
+    import gzip
+    import shutil
+    import subprocess
+    import sys
+
+    thorax = tmp_path / "thorax"
+    shutil.copytree(phantom_root / "Dataset002_PhantomThorax", thorax)
+    truncated = next((thorax / "imagesTr").glob("*.nii.gz"))
+    truncated.write_bytes(gzip.compress(gzip.decompress(truncated.read_bytes()))[:2000])
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        yaml.safe_dump(
+            {
+                "datasets": [
+                    {"name": "Missing", "path": str(tmp_path / "nowhere"), "format": "nnunet"},
+                    {
+                        "name": "Abdomen",
+                        "path": str(phantom_root / "Dataset001_PhantomAbdomen"),
+                        "format": "nnunet",
+                        "tasks": [{"prompt": "gall bladder"}],
+                    },
+                    {"name": "Thorax", "path": str(thorax), "format": "nnunet"},
+                ]
+            }
+        )
+    )
+    versions = lambda: set(Path("outputs/quickstart/logs").glob("version_*"))  # noqa: E731
+    before = versions()
+    args = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", "--data.registry", str(registry)]
+    root = ["--trainer.default_root_dir", str(tmp_path / "out"), "--data.cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run([*args, *root], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert any("nowhere" in e for e in errors) and any("gall bladder" in e for e in errors), errors
+    registry.write_text(yaml.safe_dump({"datasets": [{"name": "Thorax", "path": str(thorax), "format": "nnunet"}]}))
+    result = subprocess.run([*args, *root], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert any(truncated.name in line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert not (tmp_path / "out").exists() and versions() == before
