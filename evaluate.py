@@ -38,6 +38,7 @@ from typing import NoReturn
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import stats
 
@@ -98,16 +99,11 @@ def read_array(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot be read ({error})") from None
 
 
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel sides in mm along the array axes."""
-    return np.linalg.norm(affine[:3, :3], axis=0)
-
-
 def grid_difference(affine: np.ndarray, shape: tuple, reference: np.ndarray, reference_shape: tuple) -> str | None:
     """What differs between two voxel grids beyond the tolerances, or None when they are the same."""
     if tuple(shape) != tuple(reference_shape):
         return f"shape {tuple(shape)} vs {tuple(reference_shape)}"
-    spacing, reference_spacing = voxel_spacing(affine), voxel_spacing(reference)
+    spacing, reference_spacing = voxel_sizes(affine), voxel_sizes(reference)
     if not np.allclose(spacing, reference_spacing, rtol=0, atol=SPACING_TOLERANCE_MM):
         return f"spacing {np.round(spacing, 4).tolist()} vs {np.round(reference_spacing, 4).tolist()} mm"
     directions = affine[:3, :3] / np.maximum(spacing, 1e-12)
@@ -210,7 +206,7 @@ def find_cases(pred: Path, gt: Path, ending: str, tasks: list[str]) -> tuple[lis
 
 def score(prediction: np.ndarray, truth: np.ndarray, affine: np.ndarray, nsd_tolerance: float) -> dict:
     """Metrics of one (case, task); a structure absent from the ground truth gets NaN metrics."""
-    spacing = voxel_spacing(affine)
+    spacing = voxel_sizes(affine)
     voxels = int(prediction.sum())
     row = {
         "present": int(truth.any()),

@@ -130,7 +130,6 @@ class PromptSegModule(VolumeValidation):
             head_hidden,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
-        self.tubular: dict[str, bool] = {}
         self.phase = 1
         self.task_routes: dict[str, tuple[int, ...]] = {}
 
@@ -153,10 +152,8 @@ class PromptSegModule(VolumeValidation):
 
     # ------------------------------------------------------------------ setup and phases
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if datamodule is not None:
-            datamodule.setup(stage)
-            self.tubular = {t.prompt: t.tubular for t in datamodule.tasks}
+        super().setup(stage)
+        if self.datamodule is not None:
             self.embed(sorted(self.tubular))
         if self.hparams.init_checkpoint and stage == "fit" and not self.task_routes:
             self._prepare_few_shot()
@@ -189,9 +186,8 @@ class PromptSegModule(VolumeValidation):
 
     def on_train_epoch_start(self) -> None:
         epoch = self.current_epoch
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            datamodule.set_epoch(epoch)
+        if self.datamodule is not None:
+            self.datamodule.set_epoch(epoch)
         if self.phase == 1:
             progress = epoch / max(self.hparams.joint_epochs - 1, 1)
             start, end = self.hparams.temperature_start, self.hparams.temperature_end
@@ -251,11 +247,8 @@ class PromptSegModule(VolumeValidation):
         checkpoint["phase"] = self.phase
         checkpoint["prompt_embeddings"] = {p: e.cpu() for p, e in self.prompt_embeddings.items()}
         checkpoint["text_encoder_identity"] = self._text_identity()
-        checkpoint["tubular"] = dict(self.tubular)
         checkpoint["kept_paths"] = [pathway.kept_paths for pathway in self.network.pathways]
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if datamodule is not None:
-            checkpoint["preprocessing"] = datamodule.preprocessing.as_dict()
+        super().on_save_checkpoint(checkpoint)
 
     def _text_identity(self) -> str:
         if self._embedder is not None:

@@ -45,15 +45,11 @@ class ReferenceModule(VolumeValidation):
         super().__init__()
         self.save_hyperparameters()
         self.prompts: list[str] = list(prompts or [])
-        self.tubular: dict[str, bool] = {}
         self.network: ReferenceNet | None = None
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if datamodule is not None:
-            datamodule.setup(stage)
-            self.tubular = {t.prompt: t.tubular for t in datamodule.tasks}
-            self.prompts = self.prompts or sorted(self.tubular)
+        super().setup(stage)
+        self.prompts = self.prompts or sorted(self.tubular)
 
     def configure_model(self) -> None:
         if self.network is None:
@@ -94,10 +90,7 @@ class ReferenceModule(VolumeValidation):
         checkpoint["architecture"] = "reference"
         checkpoint["task_prompts"] = list(self.prompts)
         checkpoint["prompt_embeddings"] = self.prompt_embeddings
-        checkpoint["tubular"] = dict(self.tubular)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if datamodule is not None:
-            checkpoint["preprocessing"] = datamodule.preprocessing.as_dict()
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.prompts = list(checkpoint["task_prompts"])

@@ -24,7 +24,9 @@ def validation_scores(prediction: np.ndarray, truth: np.ndarray, tubular: bool) 
 
 
 class VolumeValidation(L.LightningModule):
-    """Sliding-window validation of whole preprocessed volumes, every task of each case.
+    """Sliding-window validation of whole preprocessed volumes, every task of each case, and what
+    every model trained here takes from its DataModule: the tasks' tubular flags at ``setup`` and the
+    preprocessing stored in each checkpoint.
 
     Subclasses provide ``network`` (called as ``network(image, prompt_embedding, image_index)``),
     ``embed(prompts)`` and the hyper-parameters ``sw_roi``, ``sw_overlap`` and ``sw_batch_size``.
@@ -33,14 +35,30 @@ class VolumeValidation(L.LightningModule):
     absent" is never a Dice of 1: a lesion that is never found scores 0 however often it is absent.
     """
 
+    validation_prompt_chunk = 8  # prompts whose full-volume probabilities are held at once
+
     def __init__(self) -> None:
         super().__init__()
         self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.overlay_sample: tuple | None = None  # first validation volume, for the overlay callback
-        self.validation_prompt_chunk = 8  # prompts whose full-volume probabilities are held at once
+        self.tubular: dict[str, bool] = {}
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def datamodule(self) -> L.LightningDataModule | None:
+        return getattr(self.trainer, "datamodule", None) if self._trainer else None
+
+    def setup(self, stage: str) -> None:
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)
+            self.tubular = {t.prompt: t.tubular for t in self.datamodule.tasks}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tubular"] = dict(self.tubular)
+        if self.datamodule is not None:
+            checkpoint["preprocessing"] = self.datamodule.preprocessing.as_dict()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Predict ``validation_prompt_chunk`` prompts at a time, stitched on the CPU, and score

@@ -34,9 +34,9 @@ class PromptConditionedHead(nn.Module):
     def __init__(self, in_channels: int, embedding_dim: int, hidden: int = 0) -> None:
         super().__init__()
         self.in_channels, self.hidden = in_channels, hidden
-        sizes = [in_channels + 1] if hidden == 0 else [in_channels * hidden + hidden, hidden + 1]
-        self.sizes = sizes
-        self.generator = nn.Linear(embedding_dim, sum(sizes))
+        # generated per prompt: [first weights (c x h), first biases (h),] last weights and bias
+        self.sizes = [in_channels + 1] if hidden == 0 else [in_channels * hidden, hidden, hidden + 1]
+        self.generator = nn.Linear(embedding_dim, sum(self.sizes))
         with torch.no_grad():
             self.generator.weight[-1].zero_()
             self.generator.bias[-1] = prior_bias()
@@ -44,11 +44,10 @@ class PromptConditionedHead(nn.Module):
     def forward(self, features: torch.Tensor, prompt_embedding: torch.Tensor) -> torch.Tensor:
         params = self.generator(prompt_embedding).to(features.dtype)
         if self.hidden:
-            first, last = params.split(self.sizes, dim=1)
-            w1 = first[:, : self.in_channels * self.hidden].view(-1, self.in_channels, self.hidden)
-            b1 = first[:, self.in_channels * self.hidden :]
+            w1, b1, params = params.split(self.sizes, dim=1)
+            w1 = w1.view(-1, self.in_channels, self.hidden)
             hidden = torch.einsum("nc...,nch->nh...", features, w1) + b1.view(*b1.shape, 1, 1, 1)
-            features, params = torch.relu(hidden), last
+            features = torch.relu(hidden)
         weight, bias = params[:, :-1], params[:, -1]
         logits = torch.einsum("nc...,nc->n...", features, weight) + bias.view(-1, 1, 1, 1)
         return logits.unsqueeze(1)
