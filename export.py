@@ -18,7 +18,10 @@ from datamodules.files import check_writable, staged
 from inference.checkpoints import NETWORK_ARGS, OPTIONAL_NETWORK_ARGS, CheckpointError, load_model, save_trimmed
 from networks.prompt_seg_net import PromptSegNet, count_parameters
 
-NETWORK_KEYS = tuple(k for k in (*NETWORK_ARGS, *OPTIONAL_NETWORK_ARGS) if k != "embedding_dim")  # the embedding size comes from the text encoder
+NETWORK_KEYS = (  # the embedding size comes from the text encoder
+    *(k for k in (*NETWORK_ARGS, *OPTIONAL_NETWORK_ARGS) if k != "embedding_dim"),
+    "channels_last",
+)
 EMBEDDING_DIMS = {"minilm": 384, "open_clip": 512}
 
 

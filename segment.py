@@ -4,9 +4,12 @@
 
 Input: a .nii/.nii.gz/.nrrd/.mha file, a DICOM series folder (found by content, any file names), or
 a folder of such cases. Output: ``DIR/CASE/PROMPT-SLUG.nii.gz`` (uint8 0/1) on exactly the input's
-grid; CASE drops an nnU-Net ``_0000`` channel suffix. Prompts, inputs and the output folder are all
-checked before inference; the files of a case are written under temporary names and renamed together
-once all are written, so a failed or interrupted run leaves no partial case.
+grid; CASE drops an nnU-Net ``_0000`` channel suffix. ``--format dicom-seg`` writes
+``DIR/CASE/segmentation.dcm`` (DICOM input only), ``--save-probabilities`` ``PROMPT-SLUG.prob.nii.gz``,
+``--statistics`` ``statistics.csv`` per case and ``DIR/statistics.csv`` for a folder of cases.
+Prompts, inputs and the output folder are all checked before inference; the files of a case are
+written under temporary names and renamed together once all are written, so a failed or interrupted
+run leaves no partial case. The work is done by :class:`inference.api.Segmenter`.
 """
 
 from __future__ import annotations
@@ -24,25 +27,18 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from scipy import ndimage
 from tqdm import tqdm
 
-from datamodules.files import check_writable, staged
-from datamodules.preprocessing import Preprocessing
+from datamodules.files import atomic_write, check_writable, staged
 from datamodules.registry import IMAGE_SUFFIXES
 from datamodules.volumes import BadCaseError, dicom_series, read_image
-from inference.checkpoints import CheckpointError, LoadedModel, load_model
+from inference import dicom_seg, statistics
+from inference.api import NAME, VERSION, Segmenter, check_settings, ct_problems
+from inference.checkpoints import CheckpointError
 from inference.preview import label_map, save_preview
-from inference.sliding_window import predict_volume
-from networks.text_encoders import PromptEmbedder, build_text_encoder
 
-SIMILARITY_WARNING = 0.5
 CHANNEL_SUFFIX = "_0000"  # nnU-Net's first (CT) channel
-# Does it look like CT in Hounsfield units? Thresholds on a sample of at most about 2 M voxels.
-NO_AIR_HU = -200.0  # the 0.1st percentile should lie below: every CT holds some air (MR, PET: none)
-TOO_DENSE_HU = 4000.0  # the 99.9th percentile should lie below: above cortical bone and contrast
-AIR_HU, AIR_FRACTION = -900.0, 0.95  # at most 95 % of the voxels air (or padding outside the scan)
-BODY_HU, BODY_FRACTION = (-200.0, 2000.0), 0.01  # at least 1 % soft tissue or bone
+FORMATS = ("nifti", "dicom-seg")
 
 
 class Messages:
@@ -157,98 +153,33 @@ def case_name(path: Path) -> str:
     return name.removesuffix(CHANNEL_SUFFIX) or name
 
 
-def ct_problems(hu: np.ndarray) -> list[str]:
-    """Why an image does not look like CT in Hounsfield units (empty when it does)."""
-    flat = hu.reshape(-1)
-    sample = flat[:: max(1, flat.size // 2_000_000)].astype(np.float32)
-    low, high = np.quantile(sample, [0.001, 0.999])
-    air = float(np.mean(sample < AIR_HU))
-    body = float(np.mean((sample >= BODY_HU[0]) & (sample <= BODY_HU[1])))
-    problems = []
-    if low > NO_AIR_HU:
-        problems.append(f"no air: 0.1st percentile {low:.0f} HU > {NO_AIR_HU:.0f}")
-    if high > TOO_DENSE_HU:
-        problems.append(f"99.9th percentile {high:.0f} HU > {TOO_DENSE_HU:.0f}")
-    if air > AIR_FRACTION:
-        problems.append(f"{air:.0%} of voxels below {AIR_HU:.0f} HU (air)")
-    if body < BODY_FRACTION:
-        problems.append(f"no body: {body:.1%} of voxels within {BODY_HU[0]:.0f}..{BODY_HU[1]:.0f} HU")
-    return problems
+def check_formats(cases: list[InputCase], formats: list[str]) -> None:
+    """``--format dicom-seg`` needs every case to be a DICOM series (its source images)."""
+    other = next((c for c in cases if c.series is None), None) if "dicom-seg" in formats else None
+    if other is not None:
+        raise ValueError(f"--format dicom-seg needs DICOM series input; {other.path} is not a DICOM series folder")
 
 
-def prompt_embeddings(model: LoadedModel, prompts: list[str], messages: Messages) -> torch.Tensor:
-    """Stored embeddings, or the checkpoint's text encoder for new prompts (warning when far)."""
-    missing = [p for p in prompts if p not in model.prompt_embeddings]
-    if missing and not model.text.get("text_encoder"):
-        known = ", ".join(sorted(model.prompt_embeddings))
-        raise CheckpointError(f"this model segments only its training prompts ({known}); not {missing}")
-    if missing:
-        encoder = build_text_encoder(
-            model.text["text_encoder"],
-            model.text.get("text_encoder_weights"),
-            model.text.get("clip_model") or "ViT-B-32",
-        )
-        embedder = PromptEmbedder(encoder, model.text.get("prompt_template") or "{}")
-        if model.text_identity and embedder.identity != model.text_identity:
-            raise CheckpointError(
-                f"text encoder {embedder.identity!r} differs from the checkpoint's {model.text_identity!r}"
-            )
-        known = torch.stack(list(model.prompt_embeddings.values()))
-        for prompt, vector in zip(missing, embedder(missing)):
-            similarity = float((known @ vector).max())
-            if similarity < SIMILARITY_WARNING:
-                messages.warn(f"prompt {prompt!r} is far from every training prompt (cosine {similarity:.2f})")
-            model.prompt_embeddings[prompt] = vector
-    return torch.stack([model.prompt_embeddings[p] for p in prompts])
+def is_folder_run(cases: list[InputCase], args: argparse.Namespace) -> bool:
+    """Whether ``--input`` is a folder of cases (not one file or one DICOM series)."""
+    return args.input.is_dir() and not (len(cases) == 1 and cases[0].path == args.input)
 
 
-def segment_case(
-    model: LoadedModel, image: tio.ScalarImage, embeddings: torch.Tensor, args: argparse.Namespace
-) -> np.ndarray:
-    """Binary masks (P, ...) on the input grid; on GPU out-of-memory, retried with one window a batch."""
-    preprocessing = Preprocessing(**model.preprocessing)
-    spacing = preprocessing.closest_spacing(tuple(float(s) for s in image.spacing))
-    prepared = preprocessing.prepare(tio.Subject(image=image), spacing)["image"]
-    device = torch.device(args.device)
-    model.network.to(device)
-
-    def predict(sw_batch_size: int) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return predict_volume(
-                model.network,
-                prepared.data[None].to(device),
-                embeddings.to(device),
-                args.roi,
-                args.overlap,
-                sw_batch_size,
-                sw_device=device,
-                device=torch.device("cpu"),
-            )
-
-    try:
-        probabilities = predict(args.sw_batch_size)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        print(f"GPU out of memory: retrying with 1 window a batch (was {args.sw_batch_size})", file=sys.stderr)
-        probabilities = predict(1)
-    masks = (Preprocessing.restore(probabilities.cpu(), prepared.affine, image) > 0.5).numpy()
-    if args.largest_component:
-        masks = np.stack([largest_component(m) for m in masks])
-    return masks
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected component (clean-up for organs)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if count < 2:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, range(1, count + 1))
-    return labels == 1 + int(np.argmax(sizes))
+def segment_case(segmenter: Segmenter, image: tio.ScalarImage, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A case's inference: masks (P, ...) bool and probabilities (P, ...) float16 on the input grid."""
+    return segmenter.predict_arrays(image, prompts)
 
 
 def output_files(folder: Path, prompts: list[str], args: argparse.Namespace) -> list[Path]:
-    """Every file a case's run writes: one mask per prompt, the label map and legend, the preview."""
-    files = [folder / f"{slug(p)}.nii.gz" for p in prompts]
+    """Every file a case's run writes: masks, probabilities, DICOM-SEG, statistics, label map and legend,
+    preview."""
+    files = [folder / f"{slug(p)}.nii.gz" for p in prompts] if "nifti" in args.format else []
+    if args.save_probabilities:
+        files += [folder / f"{slug(p)}.prob.nii.gz" for p in prompts]
+    if "dicom-seg" in args.format:
+        files.append(folder / "segmentation.dcm")
+    if args.statistics:
+        files.append(folder / "statistics.csv")
     if args.label_map:
         files += [folder / "labels.nii.gz", folder / "labels.json"]
     if args.preview:
@@ -261,10 +192,24 @@ def _nifti_writer(array: np.ndarray, affine: np.ndarray) -> Callable[[Path], Non
 
 
 def case_writers(
-    masks: np.ndarray, prompts: list[str], image: tio.ScalarImage, args: argparse.Namespace
+    case: InputCase,
+    masks: np.ndarray,
+    probabilities: np.ndarray,
+    image: tio.ScalarImage,
+    args: argparse.Namespace,
 ) -> list[Callable[[Path], None]]:
-    """Writers in the order of :func:`output_files`."""
-    writers = [_nifti_writer(mask.astype(np.uint8), image.affine) for mask in masks]
+    """Writers in the order of :func:`output_files`; the DICOM-SEG object and statistics are made first."""
+    prompts = args.prompt
+    writers = [_nifti_writer(m.astype(np.uint8), image.affine) for m in masks] if "nifti" in args.format else []
+    if args.save_probabilities:  # float16 values; NIfTI has no 16-bit float type, so stored as float32
+        writers += [_nifti_writer(q.astype(np.float32), image.affine) for q in probabilities]
+    if "dicom-seg" in args.format:
+        source = dicom_seg.read_source_series(case.path, case.series)
+        seg = dicom_seg.segmentation(masks, image.affine, prompts, source, NAME, VERSION, args.checkpoint.name)
+        writers.append(seg.save_as)
+    if args.statistics:
+        rows = statistics.case_statistics(prompts, masks, image.data[0].numpy(), image.affine)
+        writers.append(lambda path: statistics.write_csv(path, rows))
     labels = label_map(masks) if args.label_map or args.preview else None  # later prompts overwrite earlier ones
     if args.label_map:
         legend = json.dumps({prompt: value for value, prompt in enumerate(prompts, start=1)}, indent=2)
@@ -275,17 +220,25 @@ def case_writers(
 
 
 def write_outputs(
-    folder: Path, masks: np.ndarray, prompts: list[str], image: tio.ScalarImage, args: argparse.Namespace
+    case: InputCase, masks: np.ndarray, probabilities: np.ndarray, image: tio.ScalarImage, args: argparse.Namespace
 ) -> None:
     """Write a case's files all or none: on failure nothing of the case is left, folders made included."""
-    with staged(output_files(folder, prompts, args)) as temporaries:
-        for temporary, write in zip(temporaries, case_writers(masks, prompts, image, args)):
+    folder = args.output / case.name
+    writers = case_writers(case, masks, probabilities, image, args)
+    with staged(output_files(folder, args.prompt, args)) as temporaries:
+        for temporary, write in zip(temporaries, writers):
             write(temporary)
 
 
 def plan_outputs(cases: list[InputCase], args: argparse.Namespace) -> tuple[list[InputCase], list[InputCase]]:
     """(cases to run, cases skipped because all their outputs exist); existing outputs need a flag."""
     check_writable(args.output, "--output")
+    gathered = args.output / "statistics.csv"
+    if args.statistics and is_folder_run(cases, args) and gathered.exists():
+        if gathered.is_dir():
+            raise ValueError(f"--output: {gathered} is in the way (a folder)")
+        if not (args.overwrite or args.skip_existing):
+            raise FileExistsError(f"{gathered} exists; pass --overwrite to replace outputs")
     todo, skipped = [], []
     for case in cases:
         files = output_files(args.output / case.name, args.prompt, args)
@@ -307,15 +260,18 @@ def plan_outputs(cases: list[InputCase], args: argparse.Namespace) -> tuple[list
     return todo, skipped
 
 
-def check_inputs(cases: list[InputCase], messages: Messages) -> dict[str, tio.ScalarImage]:
+def check_inputs(cases: list[InputCase], messages: Messages, args: argparse.Namespace) -> dict[str, tio.ScalarImage]:
     """Read every case once before any output (bad input fails here, by file); warn where it does not
-    look like CT. Only a lone case's image is kept, so a folder run holds one volume at a time."""
+    look like CT; for DICOM-SEG, check each series' slice geometry. Only a lone case's image is kept,
+    so a folder run holds one volume at a time."""
     kept = {}
     for case in progress(cases, "checking inputs"):
         image = read_image(case.path, case.series)
         problems = ct_problems(image.data[0].numpy())
         if problems:
             messages.warn(f"{case.path}: does not look like CT ({'; '.join(problems)})")
+        if "dicom-seg" in args.format:
+            dicom_seg.read_source_series(case.path, case.series)
         if len(cases) == 1:
             kept[case.name] = image
     return kept
@@ -333,6 +289,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--roi", type=int, default=None, help="sliding-window edge; default the validation window of training"
     )
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=FORMATS,
+        default=["nifti"],
+        help="mask output: nifti (PROMPT.nii.gz), dicom-seg (segmentation.dcm, DICOM input only), or both",
+    )
+    parser.add_argument(
+        "--save-probabilities", action="store_true", help="also write PROMPT.prob.nii.gz (float16 values)"
+    )
+    parser.add_argument(
+        "--statistics", action="store_true", help="also write statistics.csv (voxels, ml, HU, bounding box)"
+    )
     parser.add_argument("--largest-component", action="store_true", help="keep each mask's largest connected component")
     parser.add_argument("--label-map", action="store_true", help="also write labels.nii.gz with a labels.json legend")
     parser.add_argument("--preview", action="store_true", help="also write preview.png (axial, coronal, sagittal)")
@@ -342,31 +311,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-existing", action="store_true", help="skip cases whose every output exists (resume a folder run)"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.format = list(dict.fromkeys(args.format))
+    return args
 
 
 def run(args: argparse.Namespace, messages: Messages) -> str:
     """Segment every case; return the summary line."""
     started = time.monotonic()
-    if not 0.0 <= args.overlap < 1.0:
-        raise ValueError(f"--overlap must lie in [0, 1), got {args.overlap}")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"--device {args.device} is not available ({error})") from None
+    check_settings(args.device, args.overlap)
     check_prompts(args.prompt, args.label_map)
-    cases, skipped = plan_outputs(find_cases(args.input, args.series, messages), args)
-    model = load_model(args.checkpoint)
-    args.roi = args.roi or model.sw_roi
-    embeddings = prompt_embeddings(model, args.prompt, messages)
-    images = check_inputs(cases, messages)
+    found = find_cases(args.input, args.series, messages)
+    check_formats(found, args.format)
+    cases, skipped = plan_outputs(found, args)
+    segmenter = Segmenter(
+        args.checkpoint,
+        args.device,
+        overlap=args.overlap,
+        roi=args.roi,
+        sw_batch_size=args.sw_batch_size,
+        largest_component=args.largest_component,
+        progress=sys.stderr.isatty(),
+        warn=messages.warn,
+    )
+    segmenter.embeddings(args.prompt)
+    images = check_inputs(cases, messages, args)
     for done, case in enumerate(progress(cases, "cases")):
         image = images.pop(case.name) if case.name in images else read_image(case.path, case.series)
-        masks = segment_case(model, image, embeddings, args)
+        masks, probabilities = segment_case(segmenter, image, args.prompt)
         try:
-            write_outputs(args.output / case.name, masks, args.prompt, image, args)
+            write_outputs(case, masks, probabilities, image, args)
         except OSError as error:
             raise OSError(write_failure(args.output, case, done, error)) from None
+    if args.statistics and is_folder_run(found, args):
+        rows = statistics.gather({c.name: args.output / c.name / "statistics.csv" for c in found})
+        columns = ("case", *statistics.COLUMNS)
+        atomic_write(args.output / "statistics.csv", lambda path: statistics.write_csv(path, rows, columns))
     seconds = time.monotonic() - started
     skip_note = f", {len(skipped)} skipped (outputs exist)" if skipped else ""
     return (

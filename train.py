@@ -2,10 +2,14 @@
 
 Before fitting, the data registry and every case are checked; all problems are printed together,
 one ``error:`` line each, and the run stops with exit code 2 before any log folder is made.
+bfloat16 on a CPU without native bfloat16 kernels (AVX512-BF16 or AMX) is warned about: it runs,
+many times slower than 32-bit.
 """
 
 import sys
 
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.config_logging import SaveAndLogConfig
@@ -26,6 +30,16 @@ class PromptSegCLI(LightningCLI):
             for line in str(error).splitlines():
                 print(f"error: {line.strip()}", file=sys.stderr)
             sys.exit(2)
+        if (
+            isinstance(self.trainer.accelerator, CPUAccelerator)
+            and str(self.trainer.precision).startswith("bf16")
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            print(
+                f"warning: trainer.precision {self.trainer.precision} on a CPU without native bfloat16 "
+                "(AVX512-BF16/AMX) is slow; use --trainer.precision 32-true",
+                file=sys.stderr,
+            )
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

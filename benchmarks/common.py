@@ -44,6 +44,25 @@ def timed(step: Callable[[], object], device: torch.device, warmup: int = 1, rep
     return sorted(times)[len(times) // 2], peak
 
 
+def timed_alternately(
+    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each step, measured in turns (A, B, A, B, ...) so that drift in
+    clocks, temperature or machine load falls on every step alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def emit(record: dict, results: Path | None, name: str) -> None:
     """Print one JSON line and append it to RESULTS/name.jsonl."""
     record = {"date": date.today().isoformat(), **record}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,21 @@ import lightning as L
 import numpy as np
 import torch
 import torchio as tio
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import Case, DatasetEntry, Task, load_registry
-from datamodules.volumes import BadCaseError, PreparedVolume, VolumeCache, read_case
+from datamodules.volumes import (
+    MAX_LOCATIONS,
+    BadCaseError,
+    PreparedVolume,
+    VolumeCache,
+    entry_bytes,
+    image_geometry,
+    prepared_shape,
+    read_case,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +66,20 @@ def task_probabilities(sizes: list[int], size_exponent: float) -> np.ndarray:
 
 
 def crop_patch(
-    volume: PreparedVolume, target: torch.Tensor, patch_size: int, foreground: bool, rng: np.random.Generator
+    volume: PreparedVolume, values: tuple[int, ...], patch_size: int, foreground: bool, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cube of ``patch_size`` (zero-padded where the volume is smaller), centred on a target voxel
-    when ``foreground`` and the target is not empty, else anywhere."""
-    image, labels = volume.image, volume.labels
-    pads = [max(patch_size - s, 0) for s in labels.shape]
-    if any(pads):
-        padding = [p for pad in reversed(pads) for p in (pad // 2, pad - pad // 2)]
-        image = torch.nn.functional.pad(image, padding)
-        labels = torch.nn.functional.pad(labels, padding)
-        target = torch.nn.functional.pad(target, padding)
-    shape = np.array(labels.shape)
-    voxels = target.nonzero() if foreground else None
-    if voxels is not None and len(voxels):
-        centre = voxels[rng.integers(len(voxels))].numpy()
-        start = np.clip(centre - patch_size // 2, 0, shape - patch_size)
+    """A cube of ``patch_size`` (zero-padded where the volume is smaller), centred on a voxel of the
+    label ``values`` when ``foreground`` and the volume holds one, else anywhere. Only the cube is
+    read: a memory-mapped volume stays on disk."""
+    shape = np.array(volume.labels.shape)
+    before = np.maximum(patch_size - shape, 0) // 2  # the padding's leading part
+    padded = np.maximum(shape, patch_size)
+    centre = volume.foreground_voxel(values, rng) if foreground else None
+    if centre is not None:
+        start = np.clip(centre + before - patch_size // 2, 0, padded - patch_size)
     else:
-        start = np.array([rng.integers(0, s - patch_size + 1) for s in shape])
-    box = tuple(slice(int(a), int(a) + patch_size) for a in start)
-    return image[(slice(None), *box)], labels[box]
+        start = np.array([rng.integers(0, s - patch_size + 1) for s in padded])
+    return volume.patch(start - before, patch_size)
 
 
 class TrainingPatches(Dataset):
@@ -104,9 +109,8 @@ class TrainingPatches(Dataset):
         case = self.cases[task.dataset][rng.integers(len(self.cases[task.dataset]))]
         spacing = m.preprocessing.sample_spacing(m.case_spacing(case), rng)
         volume = m.volume(case, spacing)
-        target = torch.isin(volume.labels, torch.tensor(task.label_values))
         foreground = rng.random() < m.foreground_fraction
-        image, labels = crop_patch(volume, target, m.patch_size, foreground, rng)
+        image, labels = crop_patch(volume, task.label_values, m.patch_size, foreground, rng)
         if self.augment is not None:
             image, labels = self._augment(image, labels, int(rng.integers(2**31)))
         others = [t for t in m.tasks_of(task.dataset) if t != task]
@@ -288,12 +292,18 @@ class MultiTaskDataModule(L.LightningDataModule):
         each bad file; cases checked at an earlier start with unchanged files are not re-read
         (``manifest.json`` in the cache folder)."""
         faults: list[str] = []
+        self._announce_cache_fill()
         for entry in self.entries:
             good = []
             known = set(entry.labels.values())
             for case in entry.cases:
                 try:
-                    self._spacings[case] = self.cache.checked_spacing(case, known) or self._read_spacing(case, known)
+                    spacing = self.cache.checked_spacing(case, known)
+                    if spacing is None:
+                        spacing = self._read_spacing(case, known)
+                    elif not self.cache.has(case, closest := self.preprocessing.closest_spacing(spacing)):
+                        self.cache.load(case, closest, known)  # checked before, its entry since removed
+                    self._spacings[case] = spacing
                     good.append(case)
                 except BadCaseError as error:
                     faults.append(str(error))
@@ -303,6 +313,38 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise BadCaseError(f"{len(faults)} bad case(s):\n" + "\n".join(faults))
         if faults:
             log.warning("skipped %d bad case(s):\n%s", len(faults), "\n".join(faults))
+
+    def _announce_cache_fill(self) -> None:
+        """Print, before any entry is written, how many volumes setup will cache and their size on
+        disk estimated from the image headers, and what the other spacing candidates may add."""
+        if not self.cache.enabled:
+            return
+        volumes, closest, others, samples = 0, 0, 0, 0
+        for entry in self.entries:
+            for case in entry.cases:
+                try:
+                    size, spacing = image_geometry(case.image)
+                except BadCaseError:
+                    continue  # reported when the case is read
+                target = self.preprocessing.closest_spacing(spacing)
+                if self.cache.has(case, target):
+                    continue
+                volumes += 1
+                closest += entry_bytes(prepared_shape(size, spacing, target))
+                others += sum(
+                    entry_bytes(prepared_shape(size, spacing, s))
+                    for s in set(self.preprocessing.spacing_candidates) - {target}
+                )
+                samples += 12 * MAX_LOCATIONS * (len(entry.labels) - 1)
+        if volumes and rank_zero_only.rank == 0:
+            extra = f"; up to {_size(others)} more if training samples the other spacings" if others else ""
+            print(
+                f"cache: writing {volumes} volume(s) at their closest spacing to {self.cache.folder}: "
+                f"about {_size(closest)} on disk (float16 image + uint8 labels, plus at most {_size(samples)} "
+                f"of foreground samples){extra}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _read_spacing(self, case: Case, known_values: set[int]) -> tuple[float, ...]:
         subject = read_case(case, known_values)
@@ -362,6 +404,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         return DataLoader(
             ValidationVolumes(self, self.val_cases), batch_size=1, num_workers=self.num_workers, collate_fn=first_sample
         )
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _read_split(path: str) -> dict:

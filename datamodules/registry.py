@@ -18,6 +18,7 @@ A task is one (data set, structure, prompt) triple.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import yaml
 
 FORMATS = ("nnunet", "msd", "totalsegmentator")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,14 @@ class Task:
 
 @dataclass(frozen=True)
 class Case:
-    """One image with its labels: a label map, or one binary file per structure (TotalSegmentator)."""
+    """One image with its labels: a label map, or one binary file per structure (TotalSegmentator),
+    given as (structure, its label value in the data set, file)."""
 
     dataset: str
     case_id: str
     image: Path
     label_map: Path | None = None
-    structure_files: tuple[tuple[str, Path], ...] = ()
+    structure_files: tuple[tuple[str, int, Path], ...] = ()
 
 
 @dataclass
@@ -150,16 +153,29 @@ def _msd(name: str, root: Path) -> tuple[dict[str, int], list[Case]]:
 
 
 def _totalsegmentator(name: str, root: Path) -> tuple[dict[str, int], list[Case]]:
-    structures: set[str] = set()
+    """One case per folder holding ``segmentations/``. Label values number the data set's union of
+    structure names (sorted), the same in every case: a case without a structure's file lacks that
+    structure (it is absent there; a warning names how many cases lack files)."""
     folders = sorted(p for p in root.iterdir() if (p / "segmentations").is_dir())
-    for folder in folders:
-        structures |= {_strip_suffix(f.name) for f in (folder / "segmentations").iterdir()}
-    labels = {"background": 0} | {s: i for i, s in enumerate(sorted(structures), start=1)}
+    files = {f: {_strip_suffix(m.name): m for m in (f / "segmentations").iterdir()} for f in folders}
+    structures = sorted(set().union(*files.values()))
+    if len(structures) > 255:
+        raise ValueError(f"dataset {name}: {len(structures)} structures exceed the 255 values of a uint8 label map")
+    labels = {"background": 0} | {s: i for i, s in enumerate(structures, start=1)}
     cases = []
     for folder in folders:
         image = next((folder / f"ct{s}" for s in IMAGE_SUFFIXES if (folder / f"ct{s}").exists()), folder / "ct.nii.gz")
-        files = tuple(sorted((_strip_suffix(f.name), f) for f in (folder / "segmentations").iterdir()))
-        cases.append(Case(name, folder.name, image, structure_files=files))
+        masks = tuple((s, labels[s], path) for s, path in sorted(files[folder].items()))
+        cases.append(Case(name, folder.name, image, structure_files=masks))
+    incomplete = [f.name for f in folders if len(files[f]) < len(structures)]
+    if incomplete:
+        log.warning(
+            "dataset %s: %d case(s) lack some of the %d structure files (those structures count as absent there): %s",
+            name,
+            len(incomplete),
+            len(structures),
+            ", ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else ""),
+        )
     return labels, cases
 
 

@@ -10,7 +10,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 import torchio as tio
 
-from datamodules.files import atomic_write
+from datamodules.files import atomic_write, staged
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import Case
 
@@ -127,7 +127,7 @@ def read_labels(case: Case, known_values: set[int], reference: tio.ScalarImage) 
             )
         return labels
     merged = torch.zeros_like(reference.data, dtype=torch.uint8)
-    for value, (_, path) in enumerate(case.structure_files, start=1):
+    for _, value, path in case.structure_files:  # the data set's value of each structure
         mask = _read_label_file(path)
         _check_geometry(path, mask, reference)
         merged[mask.data > 0] = value
@@ -159,21 +159,122 @@ def read_case(case: Case, known_values: set[int]) -> tio.Subject:
     return tio.Subject(image=image, label=read_labels(case, known_values, image))
 
 
+def image_geometry(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Voxel counts and spacing (mm) of an image file or DICOM series folder, from its header(s) only
+    (a series: its first and last slice)."""
+    native: list[str] = []
+    try:
+        with _native_stderr(native):
+            if not path.is_dir():
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+                return tuple(reader.GetSize()), tuple(reader.GetSpacing())
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise BadCaseError(f"{path}: folder holds no DICOM series")
+            first, last = (sitk.ImageFileReader() for _ in range(2))
+            for reader, file in ((first, files[0]), (last, files[-1])):
+                reader.SetFileName(file)
+                reader.ReadImageInformation()
+            step = np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())) / max(len(files) - 1, 1)
+            return (*first.GetSize()[:2], len(files)), (*first.GetSpacing()[:2], float(step) or first.GetSpacing()[2])
+    except RuntimeError as error:
+        raise _read_error(path, error, "".join(native)) from None
+
+
+def prepared_shape(size: tuple[int, ...], spacing: tuple[float, ...], target: float) -> tuple[int, ...]:
+    """Voxel counts after resampling to the isotropic ``target`` spacing (TorchIO's rule: the extent
+    rounded down)."""
+    return tuple(int(np.floor(n * s / target)) for n, s in zip(size, spacing))
+
+
+CACHE_FORMAT = 2
+"""Version of the cache entries, part of every key, so an entry of another version is never read (it
+is rebuilt beside the old one): 1 was one torch ``.pt`` file per entry, 2 is memory-mappable ``.npy``
+image and labels, foreground voxel samples and a JSON header (written last: it marks a whole entry)."""
+MAX_LOCATIONS = 10_000  # foreground voxels kept per label value for centring patches
+ENTRY_BYTES_PER_VOXEL = 3  # float16 image + uint8 labels
+
+
+def foreground_locations(
+    labels: np.ndarray, limit: int = MAX_LOCATIONS
+) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Per label value > 0: a uniform sample of at most ``limit`` of its voxels, (n, 3) int32, and its
+    voxel count. One pass over slabs of the volume (Bernoulli thinning, then an exact subsample), so
+    no index array of the whole volume is made."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    keep = np.minimum(1.0, 2.0 * limit / np.maximum(counts, 1))
+    rng = np.random.default_rng(0)
+    kept: dict[int, list[np.ndarray]] = {int(v): [] for v in np.flatnonzero(counts[1:]) + 1}
+    slab = max(1, 2**22 // max(int(np.prod(labels.shape[1:])), 1))
+    for start in range(0, labels.shape[0], slab):
+        block = np.asarray(labels[start : start + slab])
+        index = np.flatnonzero(block)
+        values = block.ravel()[index]
+        chosen = rng.random(len(index)) < keep[values]
+        index, values = index[chosen], values[chosen]
+        voxels = np.stack(np.unravel_index(index, block.shape), axis=1).astype(np.int32)
+        voxels[:, 0] += start
+        for value in np.unique(values):
+            kept[int(value)].append(voxels[values == value])
+    locations = {}
+    for value, parts in kept.items():
+        voxels = np.concatenate(parts)
+        if len(voxels) > limit:
+            voxels = voxels[np.sort(rng.choice(len(voxels), limit, replace=False))]
+        locations[value] = voxels
+    return locations, {v: int(counts[v]) for v in kept}
+
+
 @dataclass
 class PreparedVolume:
-    """A case after preprocessing: windowed image (1, D, H, W) float16, labels (D, H, W) uint8."""
+    """A case after preprocessing: windowed image (1, D, H, W) float16 and labels (D, H, W) uint8
+    (memory-mapped when read from the cache: only what is sliced is read), and per label value a
+    sample of its voxels (``locations``, (n, 3)) with its voxel count (``counts``)."""
 
     image: torch.Tensor
     labels: torch.Tensor
     affine: np.ndarray
     spacing: float
+    locations: dict[int, np.ndarray] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(
+        cls, image: torch.Tensor, labels: torch.Tensor, affine: np.ndarray, spacing: float
+    ) -> PreparedVolume:
+        locations, counts = foreground_locations(labels.numpy())
+        return cls(image, labels, affine, spacing, locations, counts)
+
+    def foreground_voxel(self, values: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+        """A voxel drawn uniformly from those holding any of ``values`` (None if there are none)."""
+        present = [v for v in values if self.counts.get(v)]
+        if not present:
+            return None
+        weights = np.array([self.counts[v] for v in present], dtype=float)
+        rows = self.locations[present[rng.choice(len(present), p=weights / weights.sum())]]
+        return np.asarray(rows[rng.integers(len(rows))], dtype=np.int64)
+
+    def patch(self, start: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the cube of edge ``size`` at voxel ``start`` (image (1, s, s, s), labels (s, s, s));
+        the part outside the volume is zero."""
+        image = torch.zeros((self.image.shape[0], size, size, size), dtype=self.image.dtype)
+        labels = torch.zeros((size, size, size), dtype=self.labels.dtype)
+        source = tuple(slice(max(int(a), 0), min(int(a) + size, n)) for a, n in zip(start, self.labels.shape))
+        target = tuple(slice(s.start - int(a), s.stop - int(a)) for s, a in zip(source, start))
+        image[(slice(None), *target)] = self.image[(slice(None), *source)]
+        labels[target] = self.labels[source]
+        return image, labels
 
 
 class VolumeCache:
-    """Preprocesses each case once per spacing and keeps the result on disk.
+    """Preprocesses each case once per spacing and keeps the result on disk, memory-mapped on reading.
 
-    The key holds the preprocessing parameters, the spacing and the source files' sizes and
-    modification times, so changing any of them writes a new entry.
+    The key holds the cache format, the preprocessing parameters, the spacing and the source files'
+    sizes and modification times (and label values), so changing any of them writes a new entry. An
+    entry is ``STEM.image.npy``, ``STEM.labels.npy``, ``STEM.locations.npy`` and ``STEM.json``
+    (format, shape, affine, foreground counts); one whose header does not match its arrays is rebuilt.
 
     Args:
         folder: where the cached volumes live.
@@ -188,15 +289,28 @@ class VolumeCache:
         self.hits = 0
         self.misses = 0
         self.checked: dict[str, list[float]] = self._read_manifest()
+        self._keys: dict[tuple[Case, float], str] = {}
 
     @staticmethod
     def _stamp(case: Case) -> list:
-        files = [case.image, *([case.label_map] if case.label_map else []), *(p for _, p in case.structure_files)]
-        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
+        files = [(None, case.image), *([(None, case.label_map)] if case.label_map else [])]
+        files += [(value, path) for _, value, path in case.structure_files]
+        return [(str(p), p.stat().st_size, p.stat().st_mtime_ns, v) for v, p in files if p.exists()]
 
     def key(self, case: Case, spacing: float) -> str:
-        payload = json.dumps([self.preprocessing.as_dict(), spacing, self._stamp(case)], sort_keys=True, default=str)
-        return hashlib.sha1(payload.encode()).hexdigest()[:20]
+        """The entry's key, computed once per (case, spacing) in a process."""
+        if (case, spacing) not in self._keys:
+            payload = [CACHE_FORMAT, self.preprocessing.as_dict(), spacing, self._stamp(case)]
+            digest = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+            self._keys[case, spacing] = digest
+        return self._keys[case, spacing]
+
+    def stem(self, case: Case, spacing: float) -> Path:
+        return self.folder / f"{case.dataset}-{case.case_id}-{self.key(case, spacing)}"
+
+    def has(self, case: Case, spacing: float) -> bool:
+        """Whether the cache holds this case at ``spacing`` (always False when disabled)."""
+        return self.enabled and self.stem(case, spacing).with_suffix(".json").is_file()
 
     # ------------------------------------------------------------------ manifest of checked cases
     @property
@@ -230,23 +344,71 @@ class VolumeCache:
             text = json.dumps(self.checked, indent=0, sort_keys=True)
             atomic_write(self.manifest, lambda temporary: temporary.write_text(text))
 
+    # ------------------------------------------------------------------ entries
     def load(
         self, case: Case, spacing: float, known_values: set[int], subject: tio.Subject | None = None
     ) -> PreparedVolume:
-        """The case at ``spacing``, from the cache or preprocessed now (from ``subject`` if already read)."""
-        path = self.folder / f"{case.dataset}-{case.case_id}-{self.key(case, spacing)}.pt"
-        if self.enabled and path.is_file():
+        """The case at ``spacing``, memory-mapped from the cache or preprocessed now (from ``subject``
+        if already read) and stored."""
+        stem = self.stem(case, spacing)
+        if self.enabled and (volume := self._read(stem, spacing)) is not None:
             self.hits += 1
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            return PreparedVolume(stored["image"], stored["labels"], stored["affine"].numpy(), spacing)
+            return volume
         self.misses += 1
         prepared = self.preprocessing.prepare(subject or read_case(case, known_values), spacing)
-        volume = PreparedVolume(
+        volume = PreparedVolume.from_arrays(
             prepared["image"].data.half(), prepared["label"].data[0].to(torch.uint8), prepared["image"].affine, spacing
         )
-        if not self.enabled:
-            return volume
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stored = {"image": volume.image, "labels": volume.labels, "affine": torch.from_numpy(np.asarray(volume.affine))}
-        atomic_write(path, lambda temporary: torch.save(stored, temporary))  # DDP ranks may fill one entry at once
+        if self.enabled:
+            self._write(stem, volume)
         return volume
+
+    @staticmethod
+    def _files(stem: Path) -> list[Path]:
+        return [stem.with_name(f"{stem.name}.{part}.npy") for part in ("image", "labels", "locations")]
+
+    def _read(self, stem: Path, spacing: float) -> PreparedVolume | None:
+        """The entry at ``stem``, memory-mapped; None when absent, damaged, or not of this format."""
+        try:
+            header = json.loads(stem.with_suffix(".json").read_text())
+            image, labels, locations = (np.load(f, mmap_mode="c") for f in self._files(stem))
+            shape, rows = tuple(header["shape"]), header["rows"]
+            if (
+                header["format"] != CACHE_FORMAT
+                or (image.dtype, labels.dtype, image.shape, labels.shape) != (np.float16, np.uint8, (1, *shape), shape)
+                or len(locations) != sum(rows)
+            ):
+                return None
+            ends = np.cumsum(rows, dtype=int)
+            parts = {v: locations[e - n : e] for v, n, e in zip(header["values"], rows, ends)}
+            counts = dict(zip(header["values"], header["counts"]))
+            affine = np.asarray(header["affine"], dtype=float)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return PreparedVolume(torch.from_numpy(image), torch.from_numpy(labels), affine, spacing, parts, counts)
+
+    def _write(self, stem: Path, volume: PreparedVolume) -> None:
+        """Write the entry's files under temporary names and rename them together, the header last
+        (DDP ranks may fill one entry at once; readers never see part of one)."""
+        values = sorted(volume.locations)
+        header = {
+            "format": CACHE_FORMAT,
+            "shape": list(volume.labels.shape),
+            "affine": np.asarray(volume.affine).tolist(),
+            "values": values,
+            "counts": [volume.counts[v] for v in values],
+            "rows": [len(volume.locations[v]) for v in values],
+        }
+        locations = np.concatenate([volume.locations[v] for v in values]) if values else np.zeros((0, 3), np.int32)
+        arrays = (volume.image.numpy(), volume.labels.numpy(), locations)
+        with staged([*self._files(stem), stem.with_suffix(".json")]) as temporaries:
+            for temporary, array in zip(temporaries, arrays):
+                with temporary.open("wb") as handle:
+                    np.save(handle, array)
+            temporaries[-1].write_text(json.dumps(header))
+
+
+def entry_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes on disk of one cache entry's image and labels at this prepared shape (its foreground
+    samples add at most ``12 * MAX_LOCATIONS`` bytes per label value)."""
+    return ENTRY_BYTES_PER_VOXEL * int(np.prod(shape))

@@ -28,7 +28,8 @@ NETWORK_ARGS = (
     "encoder_depths",
     "window_size",
 )
-OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0}  # absent from older checkpoints
+# absent from older checkpoints: their values there
+OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0, "input_offset": 0.0}
 TEXT_ARGS = ("text_encoder", "text_encoder_weights", "clip_model", "prompt_template")
 
 
@@ -97,9 +98,10 @@ def _hparams(checkpoint: dict) -> dict:
 
 
 def load_network_weights(network: PromptSegNet, path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint's weights into ``network`` (trimming it to the stored paths) after checking
-    them; return the stored prompt embeddings."""
+    """Load a checkpoint's weights into ``network`` (trimming it to the stored paths, taking the
+    input offset they were trained with) after checking them; return the stored prompt embeddings."""
     checkpoint = read_checkpoint(path)
+    network.input_offset = float(_hparams(checkpoint).get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
     for pathway, kept in zip(network.pathways, checkpoint.get("kept_paths", [])):
         pathway.keep_only(set(kept))
     state = network_state(checkpoint)
@@ -113,13 +115,14 @@ def load_reference(path: str | Path, checkpoint: dict) -> LoadedModel:
     prompts, hparams = checkpoint.get("task_prompts"), _hparams(checkpoint)
     if not prompts or "filters" not in hparams:
         raise CheckpointError(f"checkpoint {path} is a reference checkpoint without its prompts or filters")
-    network = ReferenceNet(len(prompts), tuple(hparams["filters"]))
+    offset = float(hparams.get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
+    network = ReferenceNet(len(prompts), tuple(hparams["filters"]), input_offset=offset)
     state = network_state(checkpoint)
     check_state(network, state, path)
     network.load_state_dict(state)
     return LoadedModel(
         network.eval(),
-        {"architecture": "reference", "filters": list(hparams["filters"])},
+        {"architecture": "reference", "filters": list(hparams["filters"]), "input_offset": offset},
         dict(checkpoint.get("prompt_embeddings", {})),
         dict(checkpoint.get("preprocessing", {})),
         {},
@@ -151,6 +154,7 @@ def load_model(path: str | Path) -> LoadedModel:
         args["window_size"],
         args["level_conditioning"],
         args["head_hidden"],
+        args["input_offset"],
     )
     embeddings = load_network_weights(network, path)
     return LoadedModel(

@@ -18,12 +18,14 @@ def predict_volume(
     sw_batch_size: int = 2,
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Foreground probabilities (P, D, H, W) of ``image`` (1, 1, D, H, W) for P prompt embeddings.
 
     The encoder runs once per window for all prompts; prompts sharing a route share the decoder
     (see :class:`PromptSegNet`). Windows blend with Gaussian weights. ``device`` is where the
-    stitched output lives (the CPU for large volumes); ``sw_device`` where windows run.
+    stitched output lives (the CPU for large volumes); ``sw_device`` where windows run. ``progress``
+    shows MONAI's progress bar over the window batches.
     """
     network.eval()
     num_prompts = prompt_embedding.shape[0]
@@ -43,5 +45,6 @@ def predict_volume(
         mode="gaussian",
         sw_device=sw_device,
         device=device,
+        progress=progress,
     )
     return torch.sigmoid(logits[0])

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from inference.checkpoints import load_network_weights
-from lightning_modules.losses import segmentation_loss
 from lightning_modules.validation import VolumeValidation
+from networks.compiled import compile_blocks
 from networks.prompt_seg_net import PromptSegNet
 from networks.routing import balance_loss
 from networks.text_encoders import PromptEmbedder, build_text_encoder
@@ -36,6 +36,13 @@ class PromptSegModule(VolumeValidation):
         level_conditioning: scale and shift each decoder level's features by the prompt (FiLM);
             off is the paper's routing-only decoder (see ``networks/conditioning.py``).
         head_hidden: hidden width of the prompt-generated head (0: a linear 1x1x1 read-out).
+        input_offset: subtracted from the windowed image, centring soft tissue near 0 so that
+            bfloat16 keeps its contrast (see ``networks/prompt_seg_net.py``).
+        channels_last: convolution weights (and so activations) in channels-last 3D memory format:
+            the same network, about twice as fast a training step on CPU (``benchmarks/cpu_step.py``).
+        compile: compile the encoder, the shared decoder blocks and every sub-pathway with
+            ``torch.compile`` in ``configure_model`` (``networks/compiled.py``); routing stays eager
+            Python between them. The first steps pay the compilation.
         encoder_depths: Swin blocks per stage (paper: 2, 2, 2, 2).
         window_size: Swin attention window (paper: 7).
         text_encoder: ``minilm`` (offline), ``open_clip`` (the paper's CLIP) or ``table``.
@@ -62,6 +69,8 @@ class PromptSegModule(VolumeValidation):
         cldice_weight: weight of the soft-clDice term on tubular tasks.
         focal_gamma: 0 for Dice + binary cross-entropy; above 0, the cross-entropy is the focal
             loss with this exponent (see ``lightning_modules/losses.py``).
+        ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
+            TopK loss uses 0.1), which keeps small structures from collapsing to background.
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -79,6 +88,9 @@ class PromptSegModule(VolumeValidation):
         prompt_head: bool = True,
         level_conditioning: bool = False,
         head_hidden: int = 0,
+        input_offset: float = 0.5,
+        channels_last: bool = True,
+        compile: bool = False,
         encoder_depths: tuple[int, ...] = (2, 2, 2, 2),
         window_size: int = 7,
         text_encoder: str = "minilm",
@@ -99,6 +111,7 @@ class PromptSegModule(VolumeValidation):
         router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
+        ce_top_fraction: float = 1.0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -128,6 +141,8 @@ class PromptSegModule(VolumeValidation):
             window_size,
             level_conditioning,
             head_hidden,
+            input_offset,
+            channels_last,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
         self.phase = 1
@@ -158,12 +173,18 @@ class PromptSegModule(VolumeValidation):
         if self.hparams.init_checkpoint and stage == "fit" and not self.task_routes:
             self._prepare_few_shot()
 
+    def configure_model(self) -> None:
+        """With ``compile``: compile the network's fixed-structure blocks (after any few-shot trimming)."""
+        if self.hparams.compile:
+            compile_blocks(self.network)
+
     @property
     def task_prompts(self) -> list[str]:
         return sorted(self.tubular) if self.tubular else sorted(self.prompt_embeddings)
 
     def _prepare_few_shot(self) -> None:
         embeddings = load_network_weights(self.network, self.hparams.init_checkpoint)
+        self.hparams.input_offset = self.network.input_offset  # what the weights were trained with
         self.prompt_embeddings.update({p: e for p, e in embeddings.items() if p not in self.prompt_embeddings})
         prompt = self.hparams.finetune_prompt
         self.network = self.network.trimmed(self.embed([prompt])).train()
@@ -224,9 +245,7 @@ class PromptSegModule(VolumeValidation):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
-        losses = segmentation_loss(
-            output.logits, batch["masks"], batch["tubular"].bool(), self.hparams.cldice_weight, self.hparams.focal_gamma
-        )
+        losses = self.supervised_losses(output.logits, batch)
         loss = losses.pop("loss")
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]))

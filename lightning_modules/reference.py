@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.losses import segmentation_loss
 from lightning_modules.validation import VolumeValidation
 from networks.reference_net import ReferenceNet
 
@@ -21,9 +20,13 @@ class ReferenceModule(VolumeValidation):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
+        input_offset: subtracted from the windowed image (see ``networks/prompt_seg_net.py``).
+        channels_last: convolution weights in channels-last 3D memory format (faster on CPU).
         cldice_weight: weight of the soft-clDice term on tubular tasks.
         focal_gamma: 0 for Dice + binary cross-entropy; above 0, the cross-entropy is the focal
             loss with this exponent (see ``lightning_modules/losses.py``).
+        ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
+            TopK loss uses 0.1), which keeps small structures from collapsing to background.
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -36,8 +39,11 @@ class ReferenceModule(VolumeValidation):
         lr: float = 2e-4,
         weight_decay: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.999),
+        input_offset: float = 0.5,
+        channels_last: bool = True,
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
+        ce_top_fraction: float = 1.0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -55,7 +61,12 @@ class ReferenceModule(VolumeValidation):
         if self.network is None:
             if not self.prompts:
                 raise ValueError("the reference model needs its prompts: give model.prompts or a data registry")
-            self.network = ReferenceNet(len(self.prompts), self.hparams.filters)
+            self.network = ReferenceNet(
+                len(self.prompts),
+                self.hparams.filters,
+                input_offset=self.hparams.input_offset,
+                channels_last=self.hparams.channels_last,
+            )
 
     @property
     def prompt_embeddings(self) -> dict[str, torch.Tensor]:
@@ -71,9 +82,7 @@ class ReferenceModule(VolumeValidation):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
-        losses = segmentation_loss(
-            output.logits, batch["masks"], batch["tubular"].bool(), self.hparams.cldice_weight, self.hparams.focal_gamma
-        )
+        losses = self.supervised_losses(output.logits, batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]), prog_bar=name == "loss")
         return losses["loss"]

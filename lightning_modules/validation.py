@@ -8,7 +8,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from inference.preview import label_map
 from inference.sliding_window import predict_volume
+from lightning_modules.losses import segmentation_loss
 from metrics.segmentation import cl_dice, dice
 
 
@@ -40,7 +42,7 @@ class VolumeValidation(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.overlay_sample: tuple | None = None  # first validation volume, for the overlay callback
+        self.overlay_sample: tuple | None = None  # first validation volume and its label map, for the overlays
         self.tubular: dict[str, bool] = {}
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
@@ -54,6 +56,19 @@ class VolumeValidation(L.LightningModule):
         if self.datamodule is not None:
             self.datamodule.setup(stage)
             self.tubular = {t.prompt: t.tubular for t in self.datamodule.tasks}
+
+    def supervised_losses(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The training loss terms and their sum ``loss`` (``losses.segmentation_loss``) with this
+        module's ``cldice_weight``, ``focal_gamma`` and ``ce_top_fraction``."""
+        hparams = self.hparams
+        return segmentation_loss(
+            logits,
+            batch["masks"],
+            batch["tubular"].bool(),
+            hparams.cldice_weight,
+            hparams.focal_gamma,
+            hparams.ce_top_fraction,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tubular"] = dict(self.tubular)
@@ -76,14 +91,19 @@ class VolumeValidation(L.LightningModule):
                 self.hparams.sw_batch_size,
                 device=torch.device("cpu"),
             )
-            if batch_idx == 0 and start == 0:
-                self.overlay_sample = (batch["image"][0, 0].numpy(), probabilities.numpy(), prompts)
-            for offset, (prompt, probability) in enumerate(zip(prompts, probabilities)):
-                task = start + offset
-                truth = np.isin(labels, batch["label_values"][task])
-                scores = validation_scores((probability > 0.5).numpy(), truth, bool(batch["tubular"][task]))
-                for metric, value in scores.items():
-                    self.validation_scores[metric][prompt].append(value)
+            if batch_idx == 0 and start == 0:  # the overlay's label map: one byte a voxel
+                self.overlay_sample = (batch["image"][0, 0].numpy(), label_map(probabilities.numpy() > 0.5), prompts)
+            self._score_chunk(probabilities > 0.5, labels, batch, start)
+            del probabilities  # freed before the next chunk is predicted
+
+    def _score_chunk(self, masks: torch.Tensor, labels: np.ndarray, batch: dict, start: int) -> None:
+        """Score the predicted masks of tasks ``start, start + 1, ...`` against the label map."""
+        for offset, mask in enumerate(masks):
+            task = start + offset
+            truth = np.isin(labels, batch["label_values"][task])
+            scores = validation_scores(mask.numpy(), truth, bool(batch["tubular"][task]))
+            for metric, value in scores.items():
+                self.validation_scores[metric][batch["prompts"][task]].append(value)
 
     def on_validation_epoch_end(self) -> None:
         """Log the means over every rank's cases: each rank validates some cases, every rank logs

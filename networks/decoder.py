@@ -93,7 +93,16 @@ class RoutedDecoder(nn.Module):
         image_index: torch.Tensor,
         conditioning: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decode per (image, prompt) pair.
+        """Decode per (image, prompt) pair; pairs that share a route prefix share its computation.
+
+        At each level the pairs are grouped by (image, sub-pathways chosen so far) and every group
+        is decoded once. Without level conditioning two pairs of one image on the same prefix have
+        identical features there, so the result equals decoding each pair alone, and so do the
+        gradients of every convolution. The straight-through route weight a level multiplies its
+        output by (1 in value) is the mean of the group's pairs' weights: each router receives the
+        mean of the gradients its pairs' outputs would have sent alone (exactly theirs for a pair
+        alone on its prefix). With level conditioning the features differ by prompt, so the groups
+        also key on the prompt.
 
         Args:
             skips: six per-image inputs, coarse to fine (see ``skip_channels``).
@@ -101,13 +110,34 @@ class RoutedDecoder(nn.Module):
             image_index: (N,) index of each pair's image in ``skips``.
             conditioning: (N, modulation_dim) prompt conditioning vectors, when modulated.
         """
-        x = self.bottleneck(skips[0])
+        keys = [image_index]
+        if self.modulation is not None:
+            keys.append(torch.unique(conditioning, dim=0, return_inverse=True)[1])
+        x = self.bottleneck(skips[0])  # one row per image
+        group = image_index  # each pair's row of x
         for level, (up, skip_block, pathway) in enumerate(zip(self.ups, self.skips, self.pathways)):
-            upsampled = up(x)
-            if level == 0:
-                upsampled = upsampled[image_index]
-            skip = skip_block(skips[level + 1])[image_index]
-            x = pathway(torch.cat([upsampled, skip], dim=1), weights[level])
+            keys.append(weights[level].argmax(dim=-1))
+            parent, group, first, membership = _prefix_groups(torch.stack(keys, dim=1), group)
+            features = torch.cat([up(x)[parent], skip_block(skips[level + 1])[image_index[first]]], dim=1)
+            x = pathway(features, _group_mean(weights[level], membership))
             if self.modulation is not None:
-                x = self.modulation(level, x, conditioning)
-        return x
+                x = self.modulation(level, x, conditioning[first])
+        return x[group]
+
+
+def _prefix_groups(
+    keys: torch.Tensor, previous: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups of the pairs with equal key rows (N, K): each group's row in the previous level
+    (``previous`` of its first pair), each pair's group, each group's first pair, and the
+    membership matrix (groups, N). Plain comparisons and arg-max, so ONNX can export it."""
+    unique_keys, group = torch.unique(keys, dim=0, return_inverse=True)
+    membership = group[None, :] == torch.arange(len(unique_keys), device=keys.device)[:, None]
+    first = membership.float().argmax(dim=1)  # the first pair of each group
+    return previous[first], group, first, membership
+
+
+def _group_mean(weights: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """Mean weight row (groups, M) of each group's pairs (differentiable to every pair's row)."""
+    membership = membership.to(weights.dtype)
+    return membership @ weights / membership.sum(dim=1, keepdim=True)

@@ -30,9 +30,10 @@ class NetworkOutput:
 class PromptSegNet(nn.Module):
     """Segments, in a CT patch, whatever each prompt embedding names.
 
-    The encoder runs once per image; the decoder runs once per (image, prompt) pair, through the
-    sub-pathways the prompt's route selects. At inference, pairs of the same image whose prompts
-    share a whole route share the decoder work, and only the prompt-conditioned head differs.
+    The encoder runs once per image; the decoder runs the sub-pathways each prompt's route selects,
+    once per (image, route prefix): pairs of the same image whose routes agree up to a level share
+    the decoder work up to there (in training as at inference), and pairs on one whole route
+    differ only in the prompt-conditioned head.
     Inputs of any size are zero-padded up to a multiple of 32 (at least 64) per axis and the output
     is cropped back.
 
@@ -54,6 +55,14 @@ class PromptSegNet(nn.Module):
         level_conditioning: scale and shift every decoder level's features by the prompt (FiLM,
             see ``networks/conditioning.py``); off is the paper's routing-only decoder.
         head_hidden: hidden width of the prompt-generated head (0: one linear 1x1x1 layer).
+        input_offset: subtracted from the windowed image (and its zero padding) first. The paper's
+            window maps -900..900 HU to 0..1, putting soft tissue near 0.52, where bfloat16 resolves
+            only about 3.5 HU; centred near 0 it resolves 0.1 HU, so soft-tissue contrast survives
+            mixed-precision training. 0 is the uncentred input of checkpoints made before it.
+        channels_last: keep the convolution weights in channels-last 3D memory format, so every
+            convolution runs (and returns) channels-last: the same network and values, but
+            oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster
+            (``benchmarks/cpu_step.py``).
     """
 
     def __init__(
@@ -69,11 +78,14 @@ class PromptSegNet(nn.Module):
         window_size: int = 7,
         level_conditioning: bool = False,
         head_hidden: int = 0,
+        input_offset: float = 0.5,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if head_hidden < 0 or (head_hidden and not prompt_head):
             raise ValueError(f"head_hidden must be 0, or positive with prompt_head, got {head_hidden}")
         self.embedding_dim = embedding_dim
+        self.input_offset = input_offset
         self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
         encoder_channels = self.encoder.out_channels
         skip_channels = [encoder_channels[4], *encoder_channels[3::-1], in_channels]
@@ -91,6 +103,8 @@ class PromptSegNet(nn.Module):
             self.head = PromptConditionedHead(decoder_channels[-1], conditioning_dim, head_hidden)
         else:
             self.head = PlainHead(decoder_channels[-1], conditioning_dim)
+        if channels_last:
+            self.to(memory_format=torch.channels_last_3d)
 
     @property
     def pathways(self) -> nn.ModuleList:
@@ -129,36 +143,14 @@ class PromptSegNet(nn.Module):
             image_index = torch.arange(image.shape[0], device=image.device)
         prompt_embedding = standardise(prompt_embedding)
         size = image.shape[2:]
-        padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE)
+        padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset
         hidden = self.encoder(padded)
         skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]
         router_logits, weights = self.decoder.route_weights(prompt_embedding)
         conditioning = self.projection(prompt_embedding) if self.projection is not None else prompt_embedding
-        if self.training:
-            features = self.decoder(skips, weights, image_index, conditioning)
-        else:
-            features = self._decode_unique_routes(skips, weights, image_index, conditioning)
+        features = self.decoder(skips, weights, image_index, conditioning)
         logits = self.head(features, conditioning)
         return NetworkOutput(logits[(..., *(slice(0, s) for s in size))], router_logits)
-
-    def _decode_unique_routes(
-        self,
-        skips: list[torch.Tensor],
-        weights: list[torch.Tensor],
-        image_index: torch.Tensor,
-        conditioning: torch.Tensor,
-    ) -> torch.Tensor:
-        """Decode each distinct (image, route) once; with level conditioning, each distinct
-        (image, route, prompt), since the features then differ by prompt."""
-        columns = [image_index, *(w.argmax(dim=-1) for w in weights)]
-        if self.decoder.modulation is not None:
-            columns.append(torch.unique(conditioning, dim=0, return_inverse=True)[1])
-        keys = torch.stack(columns, dim=1)
-        unique_keys, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        first = torch.zeros(len(unique_keys), dtype=torch.long, device=keys.device)
-        first.scatter_(0, inverse, torch.arange(len(keys), device=keys.device))
-        features = self.decoder(skips, [w[first] for w in weights], image_index[first], conditioning[first])
-        return features[inverse]
 
     def trimmed(self, prompt_embedding: torch.Tensor) -> PromptSegNet:
         """A standalone copy holding only the sub-pathways on the routes of these prompts."""

@@ -26,13 +26,24 @@ class ReferenceNet(nn.Module):
         num_tasks: output channels, one per training prompt.
         filters: channels at the six resolutions, full to 1/32 (nnU-Net: 32, 64, 128, 256, 320, 320).
         in_channels: image channels.
+        input_offset: subtracted from the windowed image first (see ``PromptSegNet``).
+        channels_last: convolution weights in channels-last 3D memory format (as
+            :class:`~networks.prompt_seg_net.PromptSegNet`: same values, faster on CPU).
     """
 
-    def __init__(self, num_tasks: int, filters: Sequence[int] = (32, 64, 128, 256, 320, 320), in_channels: int = 1):
+    def __init__(
+        self,
+        num_tasks: int,
+        filters: Sequence[int] = (32, 64, 128, 256, 320, 320),
+        in_channels: int = 1,
+        input_offset: float = 0.5,
+        channels_last: bool = True,
+    ):
         super().__init__()
         if num_tasks < 1 or len(filters) != 6:
             raise ValueError(f"num_tasks >= 1 and six filters required, got {num_tasks} and {list(filters)}")
         self.num_tasks = num_tasks
+        self.input_offset = input_offset
         self.unet = DynUNet(
             3,
             in_channels,
@@ -46,6 +57,8 @@ class ReferenceNet(nn.Module):
         )
         with torch.no_grad():
             self.unet.output_block.conv.conv.bias.fill_(prior_bias())
+        if channels_last:
+            self.to(memory_format=torch.channels_last_3d)
 
     def channels(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
         """The output channel each one-hot row selects; anything else is refused."""
@@ -63,6 +76,8 @@ class ReferenceNet(nn.Module):
         if image_index is None:
             image_index = torch.arange(image.shape[0], device=image.device)
         size = image.shape[2:]
-        logits = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE))[(..., *(slice(0, s) for s in size))]
+        logits = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)[
+            (..., *(slice(0, s) for s in size))
+        ]
         channels = self.channels(prompt_embedding).to(image_index.device)
         return NetworkOutput(logits[image_index, channels][:, None], [])

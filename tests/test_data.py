@@ -73,6 +73,34 @@ def test_totalsegmentator_format_merges_structure_files(tmp_path):
     assert (volume.labels == liver_value).sum() > 0
 
 
+def test_totalsegmentator_case_missing_a_mask_file_keeps_the_data_set_label_values(tmp_path, caplog):
+    """Label values come from the data set's name -> value map, not from each case's own files: a case
+    without ``aorta.nii.gz`` (the first name) keeps liver and spleen at their values, and lacks the aorta."""
+    image, liver = volume_and_labels()
+    spleen = np.zeros_like(liver)
+    spleen[14:18, 14:18, 2:6] = 1
+    for case, structures in (("s0001", ("aorta", "liver", "spleen")), ("s0002", ("liver", "spleen"))):
+        write_nifti(tmp_path / "ts" / case / "ct.nii.gz", image)
+        for name in structures:
+            mask = {"aorta": np.roll(spleen, -12, axis=0), "liver": liver, "spleen": spleen}[name]
+            write_nifti(tmp_path / "ts" / case / "segmentations" / f"{name}.nii.gz", mask)
+    data = MultiTaskDataModule(
+        registry=str(registry(tmp_path, tmp_path / "ts", "totalsegmentator")),
+        cache_dir=str(tmp_path / "cache"),
+        spacing_candidates=(1.0,),
+        random_spacing_probability=0.0,
+        validation_fraction=0.0,
+    )
+    data.setup()
+    value = {t.prompt: t.label_values[0] for t in data.tasks}
+    first, second = (data.volume(case, 1.0).labels for case in data.entries[0].cases)
+    for name, mask in (("liver", liver), ("spleen", spleen)):
+        expected = int(mask.sum()) * 2  # 2 mm slices resampled to 1 mm
+        assert int((first == value[name]).sum()) == int((second == value[name]).sum()) == expected, name
+    assert (first == value["aorta"]).any() and not (second == value["aorta"]).any()
+    assert "1 case(s) lack some of the 3 structure files" in caplog.text and "s0002" in caplog.text
+
+
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
 def test_nrrd_and_mha_images_read_like_nifti(tmp_path, suffix):
     image, _ = volume_and_labels()
@@ -129,25 +157,111 @@ def test_cache_is_reused_and_invalidated(tmp_path, phantom_registry):
     assert (cache.misses, cache.hits) == (1, 1) and torch.equal(first.image, second.image)
     other = VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,), window_width=1000.0))
     other.load(case, 3.0, values)
-    assert other.misses == 1 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert other.misses == 1 and len(list((tmp_path / "cache").glob("*.json"))) == 2
 
 
 def test_two_writers_of_one_cache_entry_do_not_collide(tmp_path, phantom_registry, monkeypatch):
     entry = load_registry(phantom_registry)[0]
     case, values = entry.cases[0], set(entry.labels.values())
     first, second = (VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,))) for _ in range(2))
-    save, interleaved = torch.save, []
+    save, interleaved = np.save, []
 
-    def save_while_another_rank_writes(obj, file):  # the second writer runs while the first is mid-write
-        save(obj, file)
+    def save_while_another_rank_writes(file, array):  # the second writer runs while the first is mid-write
+        save(file, array)
         if not interleaved:
             interleaved.append(None)
             interleaved.append(second.load(case, 3.0, values))
 
-    monkeypatch.setattr(torch, "save", save_while_another_rank_writes)
+    monkeypatch.setattr(np, "save", save_while_another_rank_writes)
     volume = first.load(case, 3.0, values)
     assert torch.equal(volume.image, interleaved[1].image)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("*.json"))) == 1 and len(list(cache.glob("*.npy"))) == 3
+    assert not list(cache.glob(".tmp-*"))
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as maps:
+        return maps.read()
+
+
+def test_cached_volume_is_memory_mapped_and_patches_are_copies_of_the_same_crop(tmp_path, phantom_registry):
+    entry = load_registry(phantom_registry)[0]
+    case, values = entry.cases[0], set(entry.labels.values())
+    cache = VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,)))
+    loaded = cache.load(case, 3.0, values)  # preprocessed now, in memory
+    mapped = cache.load(case, 3.0, values)
+    assert cache.hits == 1 and str(next((tmp_path / "cache").glob("*.image.npy"))) in _mapped_files()
+    shape = loaded.labels.shape
+    for start in ([3, 5, 7], [-4, 0, shape[2] - 20]):  # inside, and crossing the edges (zero-padded)
+        image, labels = mapped.patch(np.array(start), 24)
+        padded_image = torch.nn.functional.pad(loaded.image, (30,) * 6)
+        padded_labels = torch.nn.functional.pad(loaded.labels, (30,) * 6)
+        box = tuple(slice(a + 30, a + 54) for a in start)
+        assert torch.equal(image, padded_image[(slice(None), *box)]) and torch.equal(labels, padded_labels[box])
+        assert image.untyped_storage().nbytes() == 24**3 * 2 and labels.untyped_storage().nbytes() == 24**3
+    assert mapped.counts == loaded.counts and all(
+        np.array_equal(mapped.locations[v], loaded.locations[v]) for v in loaded.counts
+    )
+    for value, voxels in mapped.locations.items():  # the foreground samples hold their label
+        assert len(voxels) == min(mapped.counts[value], 10_000) and (loaded.labels[tuple(voxels.T)] == value).all()
+
+
+def test_a_training_sample_reads_only_its_patch(phantom_data, monkeypatch):
+    """No whole-volume pass per sample: masks and foreground centres come from the patch and the
+    cached foreground samples, and the returned tensors are patch-sized copies."""
+    isin = torch.isin
+
+    def patch_sized_isin(elements, test_elements, *args, **kwargs):
+        assert elements.numel() <= 32**3, f"isin over {tuple(elements.shape)}"
+        return isin(elements, test_elements, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "isin", patch_sized_isin)
+    dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
+    for index in range(6):
+        sample = dataset[index]
+        assert sample["image"].untyped_storage().nbytes() == 32**3 * 4
+        assert sample["masks"].untyped_storage().nbytes() == len(sample["prompts"]) * 32**3 * 4
+
+
+@pytest.mark.parametrize("damage", ["format", "shape", "missing"])
+def test_a_cache_entry_of_another_format_or_damaged_is_rebuilt(tmp_path, phantom_registry, damage):
+    entry = load_registry(phantom_registry)[0]
+    case, values = entry.cases[0], set(entry.labels.values())
+    cache = VolumeCache(tmp_path / "cache", Preprocessing(spacing_candidates=(3.0,)))
+    good = cache.load(case, 3.0, values)
+    header = next((tmp_path / "cache").glob("*.json"))
+    labels = next((tmp_path / "cache").glob("*.labels.npy"))
+    if damage == "format":
+        header.write_text(header.read_text().replace('"format": 2', '"format": 1'))
+    elif damage == "shape":
+        np.save(labels, np.zeros((2, 2, 2), np.uint8))
+    else:
+        labels.unlink()
+    rebuilt = cache.load(case, 3.0, values)
+    assert cache.misses == 2 and torch.equal(rebuilt.labels, good.labels) and torch.equal(rebuilt.image, good.image)
+    assert cache.load(case, 3.0, values) is not None and cache.hits == 1
+
+
+def test_cache_fill_is_announced_with_its_size_before_writing(phantom_registry, tmp_path, capsys, monkeypatch):
+    import datamodules.volumes as volumes
+
+    written = []
+    write = volumes.VolumeCache._write
+    monkeypatch.setattr(
+        volumes.VolumeCache, "_write", lambda self, *a: written.append(capsys.readouterr().err) or write(self, *a)
+    )
+    data = MultiTaskDataModule(registry=str(phantom_registry), cache_dir=str(tmp_path), spacing_candidates=(3.0, 5.0))
+    data.setup()
+    cases = sum(len(e.cases) for e in data.entries)
+    (line,) = [line for line in written[0].splitlines() if line.startswith("cache:")]
+    assert f"writing {cases} volume(s)" in line and "more if training samples the other spacings" in line
+    announced = float(line.split("about ")[1].split(" MiB")[0])
+    actual = sum(f.stat().st_size for f in tmp_path.glob("*.npy") if not f.name.endswith(".locations.npy"))
+    assert announced == pytest.approx(actual / 2**20, abs=0.1)
+    assert len(written) == cases and all("cache:" not in err for err in written[1:])
+    MultiTaskDataModule(registry=str(phantom_registry), cache_dir=str(tmp_path), spacing_candidates=(3.0, 5.0)).setup()
+    assert "cache:" not in capsys.readouterr().err  # filled: nothing to announce
 
 
 @pytest.fixture(scope="module")

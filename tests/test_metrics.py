@@ -104,3 +104,20 @@ def test_empty_targets_take_cross_entropy_only_hand_computed():
     # The empty pair's logits get only the cross-entropy gradient: sigmoid(0) / voxels.
     dice_bce_loss(logits, target).backward()
     assert torch.allclose(logits.grad[1], torch.full_like(logits.grad[1], 0.5 / 64))
+
+
+def test_top_fraction_cross_entropy_averages_each_pairs_hardest_voxels_hand_computed():
+    """One pair of 8 voxels, all predicted background at p = sigmoid(-2); two are foreground.
+    The hardest quarter (2 voxels) is exactly the two missed foreground voxels."""
+    import math
+
+    logits = torch.full((1, 1, 2, 2, 2), -2.0)
+    target = torch.zeros_like(logits)
+    target[0, 0, 0, 0, :] = 1
+    p = 1 / (1 + math.exp(2.0))
+    dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
+    missed, kept = -math.log(p), -math.log(1 - p)
+    assert dice_bce_loss(logits, target).item() == pytest.approx(dice_term + (2 * missed + 6 * kept) / 8, rel=1e-6)
+    assert dice_bce_loss(logits, target, ce_top_fraction=0.25).item() == pytest.approx(dice_term + missed, rel=1e-6)
+    with pytest.raises(ValueError, match="ce_top_fraction"):
+        dice_bce_loss(logits, target, ce_top_fraction=0.0)

@@ -73,6 +73,83 @@ def test_grouped_execution_equals_per_sample_execution():
     assert torch.allclose(grouped, single, atol=1e-6)
 
 
+def _decoder_inputs(net: PromptSegNet, routes: list[list[int]], image_index: list[int]):
+    """Random skips of two 64x32x32 images and leaf one-hot route weights (per level, N x M)."""
+    torch.manual_seed(2)
+    dtype = next(net.parameters()).dtype
+    channels = [*net.encoder.out_channels[4::-1], 1]
+    skips = [torch.randn(2, c, 64 >> k, 32 >> k, 32 >> k, dtype=dtype) for k, c in zip(range(5, -1, -1), channels)]
+    m = net.decoder.pathways[0].num_paths
+    weights = [
+        torch.nn.functional.one_hot(torch.tensor([r[level] for r in routes]), m).to(dtype).requires_grad_()
+        for level in range(5)
+    ]
+    return skips, weights, torch.tensor(image_index)
+
+
+def test_route_prefix_sharing_equals_decoding_each_pair_alone():
+    """Pairs 0-2 share image 0 and the prefix (1, 2), pairs 0 and 1 the whole route; pair 3 has the
+    same route on image 1. Outputs and every convolution's gradient equal per-pair decoding; each
+    route weight gets the mean gradient of the pairs sharing its prefix (its own when alone)."""
+    net = tiny().train().double()  # float64: the comparison is of the computation, not of rounding
+    routes = [[1, 2, 0, 1, 2], [1, 2, 0, 1, 2], [1, 2, 2, 0, 1], [1, 2, 0, 1, 2]]
+    skips, weights, image_index = _decoder_inputs(net, routes, [0, 0, 0, 1])
+    probe = torch.randn(4, 8, 64, 32, 32, dtype=torch.float64)  # a loss that differs per pair
+    shared = net.decoder(skips, weights, image_index)
+    (shared * probe).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in net.decoder.named_parameters() if p.grad is not None}
+    shared_weight_grads = [w.grad.clone() for w in weights]
+    net.zero_grad()
+    alone, alone_weight_grads = [], [torch.zeros_like(w) for w in weights]
+    for pair in range(4):
+        single = [w.detach()[pair : pair + 1].requires_grad_() for w in weights]
+        output = net.decoder(skips, single, image_index[pair : pair + 1])
+        (output * probe[pair : pair + 1]).sum().backward()
+        alone.append(output.detach())
+        for level, w in enumerate(single):
+            alone_weight_grads[level][pair] = w.grad[0]
+    assert torch.allclose(shared, torch.cat(alone), atol=1e-10)
+    for name, grad in shared_grads.items():
+        reference = dict(net.decoder.named_parameters())[name].grad
+        assert torch.allclose(grad, reference, atol=1e-8, rtol=1e-8), name
+    groups_per_level = [[[0, 1, 2], [3]], [[0, 1, 2], [3]], [[0, 1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2], [3]]]
+    for level, groups in enumerate(groups_per_level):
+        for group in groups:
+            mean = alone_weight_grads[level][group].mean(0)
+            for pair in group:
+                assert torch.allclose(shared_weight_grads[level][pair], mean, atol=1e-8, rtol=1e-8)
+    assert not torch.allclose(alone_weight_grads[2][0], alone_weight_grads[2][2])  # the test can tell
+
+
+def test_route_prefix_sharing_runs_each_sub_pathway_once_per_group():
+    net = tiny().train()
+    calls: list[tuple[int, int]] = []
+    for level, pathway in enumerate(net.pathways):
+        for sub_pathway in pathway.sub_pathways.values():
+            sub_pathway.register_forward_hook(lambda _m, args, _o, level=level: calls.append((level, len(args[0]))))
+    routes = [[1, 2, 0, 1, 2], [1, 2, 0, 1, 2], [1, 2, 2, 0, 1], [1, 2, 0, 1, 2]]
+    skips, weights, image_index = _decoder_inputs(net, routes, [0, 0, 0, 0])
+    net.decoder(skips, weights, image_index)
+    assert sorted(calls) == [(0, 1), (1, 1), (2, 1), (2, 1), (3, 1), (3, 1), (4, 1), (4, 1)]
+
+
+def test_channels_last_network_gives_the_same_output_and_gradients():
+    contiguous, channels_last = tiny(channels_last=False).train(), tiny(channels_last=True).train()
+    for net in (contiguous, channels_last):
+        net.set_routing_schedule(1.0, 0.0)
+    conv = channels_last.decoder.pathways[0].sub_pathways["0"].conv1.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    image, prompts = torch.randn(1, 1, 32, 32, 32), torch.randn(3, EMBED)
+    outputs = [net(image, prompts, torch.zeros(3, dtype=torch.long)).logits for net in (contiguous, channels_last)]
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for output in outputs:
+        output.square().mean().backward()
+    for (name, a), b in zip(contiguous.named_parameters(), channels_last.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:  # float32 sums in another order: compared to the gradient's scale
+            assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name
+
+
 def test_balance_loss_is_one_when_uniform_and_m_when_collapsed():
     assert balance_loss(torch.zeros(8, 4)).item() == pytest.approx(1.0)
     collapsed = torch.tensor([[100.0, 0, 0, 0]]).repeat(8, 1)
@@ -200,10 +277,25 @@ def test_reference_network_selects_one_output_channel_per_task():
     torch.manual_seed(0)
     net = ReferenceNet(3, (4, 4, 8, 8, 16, 16)).eval()
     image = torch.randn(2, 1, 40, 36, 33)
-    every = net.unet(torch.nn.functional.pad(image, (0, 31, 0, 28, 0, 24)))[..., :40, :36, :33]
+    padded = torch.nn.functional.pad(image, (0, 31, 0, 28, 0, 24)) - net.input_offset
+    every = net.unet(padded)[..., :40, :36, :33]
     output = net(image, torch.eye(3)[[2, 0, 1]], torch.tensor([0, 1, 1]))
     assert output.logits.shape == (3, 1, 40, 36, 33)
     for pair, (image_index, channel) in enumerate([(0, 2), (1, 0), (1, 1)]):
         assert torch.allclose(output.logits[pair, 0], every[image_index, channel], atol=1e-5)
     with pytest.raises(ValueError, match="only its training prompts"):
         net(image[:1], torch.randn(1, 3))
+
+
+def test_input_offset_centres_the_window_and_older_checkpoints_load_uncentred(checkpoint, tmp_path):
+    from inference.checkpoints import load_model
+
+    centred, uncentred = tiny(input_offset=0.5).eval(), tiny(input_offset=0.0).eval()
+    uncentred.load_state_dict(centred.state_dict())
+    image, prompt = torch.rand(1, 1, 64, 64, 64), torch.randn(1, EMBED)
+    assert torch.allclose(centred(image, prompt).logits, uncentred(image - 0.5, prompt).logits, atol=1e-5)
+    assert load_model(checkpoint).network.input_offset == 0.5  # written with today's default
+    older = torch.load(checkpoint, weights_only=True)
+    del older["hyper_parameters"]["input_offset"]
+    torch.save(older, tmp_path / "older.ckpt")
+    assert load_model(tmp_path / "older.ckpt").network.input_offset == 0.0

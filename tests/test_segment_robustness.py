@@ -7,7 +7,6 @@ these tests are about inputs and outputs, not about the masks' quality.
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
 import stat
@@ -18,50 +17,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 from pydicom.data import get_testdata_file
 
 import export
 import segment
 from datamodules.files import atomic_write
-from datamodules.preprocessing import Preprocessing
 from inference.checkpoints import load_model
-from networks.prompt_seg_net import PromptSegNet
-from tests.conftest import TINY_NETWORK
-
-EMBEDDING_DIM = 8
-PROMPTS = ("liver", "aorta")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning-style checkpoint of a random tiny network whose text encoder is an embedding table."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(PromptSegNet).parameters.items()
-        if p.default is not inspect.Parameter.empty and name != "in_channels"
-    }
-    hparams = defaults | TINY_NETWORK | {"embedding_dim": EMBEDDING_DIM}
-    network = PromptSegNet(**hparams)
-    vectors = F.normalize(torch.randn(len(PROMPTS), EMBEDDING_DIM), dim=1)
-    table = root / "table.pt"
-    torch.save({"identity": "test-table", "prompts": list(PROMPTS), "embeddings": vectors}, table)
-    hparams |= {"text_encoder": "table", "text_encoder_weights": str(table), "sw_roi": 64}
-    path = root / "tiny.ckpt"
-    torch.save(
-        {
-            "state_dict": {f"network.{k}": v for k, v in network.state_dict().items()},
-            "hyper_parameters": hparams,
-            "prompt_embeddings": dict(zip(PROMPTS, vectors)),
-            "preprocessing": Preprocessing(spacing_candidates=(4.0,)).as_dict(),
-            "text_encoder_identity": "test-table",
-        },
-        path,
-    )
-    return path
+from tests.conftest import PROMPTS
 
 
 def ct_volume(shape: tuple[int, int, int] = (24, 20, 16)) -> np.ndarray:
