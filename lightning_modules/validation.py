@@ -44,6 +44,7 @@ class VolumeValidation(L.LightningModule):
         self.validation_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.overlay_sample: tuple | None = None  # first validation volume and its label map, for the overlays
         self.tubular: dict[str, bool] = {}
+        self.skipped_steps = 0
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -62,13 +63,23 @@ class VolumeValidation(L.LightningModule):
         module's ``cldice_weight``, ``focal_gamma`` and ``ce_top_fraction``."""
         hparams = self.hparams
         return segmentation_loss(
-            logits,
+            logits.float(),  # sums over a patch's voxels in float32 also under bf16 autocast
             batch["masks"],
             batch["tubular"].bool(),
             hparams.cldice_weight,
             hparams.focal_gamma,
             hparams.ce_top_fraction,
         )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip an update whose gradients are not all finite: bf16 training has no loss scaler to
+        do it, and one NaN reaching AdamW would make every weight NaN. The gradients are dropped
+        and the step counted (``train/skipped_steps``)."""
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        if gradients and not torch.stack([g.isfinite().all() for g in gradients]).all():
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tubular"] = dict(self.tubular)

@@ -596,3 +596,24 @@ def test_every_registry_and_case_problem_is_one_error_line_before_any_output(pha
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert any(truncated.name in line for line in result.stderr.splitlines() if line.startswith("error:"))
     assert not (tmp_path / "out").exists() and versions() == before
+
+
+def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
+    from lightning_modules.reference import ReferenceModule
+
+    module = ReferenceModule(filters=(4, 4, 8, 8, 16, 16), prompts=["liver"])
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in module.parameters()]
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    next(module.parameters()).grad[0] = float("nan")
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    assert module.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    assert module.skipped_steps == 1 and not torch.equal(before[0], next(module.parameters()))
