@@ -33,7 +33,7 @@ from datamodules.files import atomic_write, check_writable, staged
 from datamodules.registry import IMAGE_SUFFIXES
 from datamodules.volumes import BadCaseError, dicom_series, read_image
 from inference import dicom_seg, statistics
-from inference.api import NAME, VERSION, Segmenter, check_settings, ct_problems
+from inference.api import NAME, VERSION, Segmenter, check_prompt_list, check_settings, ct_problems
 from inference.checkpoints import CheckpointError
 from inference.preview import label_map, save_preview
 
@@ -79,9 +79,8 @@ def slug(prompt: str) -> str:
 
 
 def check_prompts(prompts: list[str], label_map: bool) -> None:
-    """Every prompt non-empty and with a mask file name of its own."""
-    if any(not p.strip() for p in prompts):
-        raise ValueError("--prompt must not be empty")
+    """Every prompt non-empty, given once (``check_prompt_list``) and with a mask file name of its own."""
+    check_prompt_list(prompts)
     seen: dict[str, str] = {}
     for prompt in prompts:
         name = slug(prompt)
