@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One command for a GPU machine that has PyTorch but may lack our other packages and any network:
-#   bash benchmarks/gpu.sh RESULTS_DIR [WHEELS_DIR]
+#   bash benchmarks/gpu.sh RESULTS_DIR [WHEELS_DIR] [TABLE]
 # Installs what is missing from WHEELS_DIR (pip download -r requirements.txt -d WHEELS_DIR, minus
 # torch), runs every benchmark within about 8 minutes (each step is cut at its own limit and at the
 # 8-minute deadline; its records up to then are kept), writes JSON lines, summary.md and plots.
 # cpu_step is CPU-only and not run here.
 set -uo pipefail
-results=${1:?usage: benchmarks/gpu.sh RESULTS_DIR [WHEELS_DIR]}
+results=${1:?usage: benchmarks/gpu.sh RESULTS_DIR [WHEELS_DIR] [TABLE]}
 wheels=${2:-}
+table=${3:-}
 cd "$(dirname "$0")/.."
 mkdir -p "$results"
 if [ -n "$wheels" ]; then
@@ -29,12 +30,18 @@ paper=(--config configs/paper.yaml)
 step 45 python -m benchmarks.params "${paper[@]}" --results "$results"
 # training step, 96^3, batch 2, bf16: SwinUNETR(48) at one prompt; ours at 1/4/8 prompts per image
 step 90 python -m benchmarks.train_step "${paper[@]}" --patch 96 --batch 2 --prompts 1 4 8 --results "$results"
-# sliding window 256^3: 1 and 10 prompts; 100 prompts on 128^3 (about 60x one prompt's decoder work
-# when the 100 routes differ, too slow for 256^3 here), full and trimmed timed in turns
-step 120 python -m benchmarks.inference_speed "${paper[@]}" --sizes 256 --prompts 1 10 --repeats 2 --results "$results"
-step 60 python -m benchmarks.inference_speed "${paper[@]}" --sizes 128 --prompts 1 100 --repeats 1 --results "$results"
-# compiled: SwinUNETR whole, ours per block (compilation in the warm-up steps, not timed)
-step 210 python -m benchmarks.train_step "${paper[@]}" --patch 96 --batch 2 --prompts 1 4 8 --compile --results "$results"
+# sliding window 256^3: 1 and 10 prompts, full and trimmed timed in turns
+step 100 python -m benchmarks.inference_speed "${paper[@]}" --sizes 256 --prompts 1 10 --repeats 2 --results "$results"
 python make_phantoms.py --output data/phantoms --preset small --cases 4 --few-shot-cases 2 > /dev/null 2>&1
 step 45 python -m benchmarks.dataloader --patch 96 --batches 6 --results "$results"
+# configs/paper.yaml as written (augmentation, 8 workers, DDP strategy, bf16) for 4 short epochs,
+# uninterrupted twice and stopped in phase 2 then resumed; CLIP's architecture with random weights
+# unless TABLE (an embedding table of the phantom prompts, PromptEmbedder.save_table) is given
+text=(--model.text_encoder_weights null)
+[ -n "$table" ] && text=(--model.text_encoder table --model.text_encoder_weights "$(realpath "$table")" --model.embedding_dim null)
+step 180 python -m benchmarks.resume_smoke "${paper[@]}" --results "$results" -- "${text[@]}"
+# what time is left: 100 prompts on 128^3 (about 60x one prompt's decoder work when the 100 routes
+# differ), then compiled (SwinUNETR whole, ours per block; compilation in the warm-up steps)
+step 60 python -m benchmarks.inference_speed "${paper[@]}" --sizes 128 --prompts 1 100 --repeats 1 --results "$results"
+step 210 python -m benchmarks.train_step "${paper[@]}" --patch 96 --batch 2 --prompts 1 4 8 --compile --results "$results"
 python -m benchmarks.report "$results"

@@ -169,6 +169,16 @@ def main(folder: Path) -> None:
             "bound_without_held_chunks_gib",
             "cuda_peak_gib",
         ],
+        "resume_smoke": [
+            "device",
+            "config",
+            "steps",
+            "seconds",
+            "resumed_kept_the_routes_of_its_stop",
+            "same_routes_as_uninterrupted",
+            "max_weight_difference",
+            "run_to_run_max_weight_difference",
+        ],
     }
     parts = ["# Benchmark summary\n"]
     targets = goals(read(folder, "train_step"), read(folder, "inference"))

@@ -389,16 +389,23 @@ class MultiTaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.train_set = TrainingPatches(self, self.train_cases)
         if self.trainer is not None:
-            self.train_set.epoch = self.trainer.current_epoch
+            # Loader workers copy the data set when Lightning first iterates, before the epoch-start
+            # hooks: give them the epoch about to run. After a resume ``current_epoch`` still reads
+            # the last finished one there; the epochs the loop has processed do not.
+            self.train_set.epoch = self.trainer.fit_loop.epoch_progress.current.processed
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._on_gpu(),
             persistent_workers=False,
         )
+
+    def _on_gpu(self) -> bool:
+        """Pin host memory only when the trainer trains on a GPU (not merely because one exists)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -125,9 +125,9 @@ class PromptSegModule(VolumeValidation):
         if finetune_prompt is not None and not finetune_prompt.strip():
             raise ValueError("model.finetune_prompt is empty")
         self._embedder: PromptEmbedder | None = None
+        self.save_hyperparameters()  # before ``self.embedder``, which reads the text encoder settings
         if embedding_dim is None:
             embedding_dim = TEXT_ENCODER_DIMS.get(text_encoder) or self.embedder.dim
-        self.save_hyperparameters()
         self.hparams.embedding_dim = embedding_dim
         self.network = PromptSegNet(
             1,

@@ -70,3 +70,16 @@ def test_embedding_table_round_trip_and_identity_mismatch(minilm, tmp_path):
         EmbeddingTable(str(path), expected_identity="open_clip/ViT-B-32/openai")
     with pytest.raises(KeyError, match="not in the embedding table"):
         table.encode(["spleen"])
+
+
+def test_a_module_on_an_embedding_table_takes_its_width_when_none_is_given(tmp_path):
+    """``text_encoder: table`` with no ``embedding_dim`` (the default) reads the table's width."""
+    from lightning_modules.prompt_seg_module import PromptSegModule
+    from tests.conftest import TINY_NETWORK
+
+    path = tmp_path / "table.pt"
+    embeddings = torch.nn.functional.normalize(torch.randn(2, 24), dim=1)
+    torch.save({"identity": "made by hand", "prompts": ["liver", "aorta"], "embeddings": embeddings}, path)
+    module = PromptSegModule(**TINY_NETWORK, text_encoder="table", text_encoder_weights=str(path))
+    assert module.hparams.embedding_dim == 24 and module.network.embedding_dim == 24
+    assert torch.equal(module.embed(["aorta"]), embeddings[1:])

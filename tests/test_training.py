@@ -617,3 +617,94 @@ def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
     module.on_before_optimizer_step(optimizer)
     optimizer.step()
     assert module.skipped_steps == 1 and not torch.equal(before[0], next(module.parameters()))
+
+
+def test_simulated_gpu_node_breaks_cuda_state_calls_in_forked_workers_only():
+    """The simulation itself: a worker calling the old ``fork_rng()`` fails, the parent does not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from tests.simulated_gpu_node import simulate_gpu_node\n"
+        "simulate_gpu_node()\n"
+        "assert not torch.cuda.is_available()\n"
+        "class Forking(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 1\n"
+        "    def __getitem__(self, i):\n"
+        "        with torch.random.fork_rng(): return torch.zeros(1)\n"
+        "next(iter(DataLoader(Forking(), num_workers=1)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Cannot re-initialize CUDA in forked subprocess" in result.stderr
+
+
+def test_paper_config_trains_two_steps_with_augmenting_workers_on_a_simulated_gpu_node(phantom_registry, tmp_path):
+    """configs/paper.yaml as written (the paper network, augmentation, loader workers, its DDP
+    strategy, bf16), shrunk only in batch and patch size, with the loader workers seeing CUDA."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [
+        *("fit", "--config", str(repo / "configs/paper.yaml")),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2"),
+        *("--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"),
+        *("--data.registry", str(phantom_registry), "--data.spacing_candidates", "[3.0]"),
+        *("--data.patch_size", "64", "--data.batch_size", "1", "--data.prompts_per_image", "2"),
+        *("--data.samples_per_epoch", "2", "--data.num_workers", "2"),
+        *("--model.text_encoder_weights", "null"),  # CLIP's architecture, random weights: no download here
+    ]
+    environment = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2", "MASTER_PORT": "29517"}
+    result = subprocess.run(
+        [sys.executable, str(repo / "tests/simulated_gpu_node.py"), *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = read_checkpoint(tmp_path / "outputs/paper/checkpoints/last.ckpt")
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["hyper_parameters"]["decoder_channels"] == [192, 192, 192, 48, 48, 48]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_first_epoch_after_a_resume_draws_its_own_samples_in_loader_workers(workers, phantom_registry, tmp_path):
+    """Workers copy the data set when Lightning first iterates, before the epoch-start hooks; the
+    resumed epoch must still draw its own samples, not those of the epoch before it."""
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.images: list[tuple[int, torch.Tensor]] = []
+
+        def on_train_epoch_start(self) -> None:
+            self.trainer.datamodule.set_epoch(self.current_epoch)
+
+        def training_step(self, batch, index):
+            self.images.append((self.current_epoch, batch["image"].clone()))
+            return self.weight.sum() * 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(max_epochs: int, folder: str, resume: Path | None = None) -> Recorder:
+        recorder = Recorder()
+        saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        run = L.Trainer(max_epochs=max_epochs, accelerator="cpu", callbacks=[saver], **quiet)
+        data = data_module(phantom_registry, tmp_path / "cache", patch_size=32, num_workers=workers)
+        run.fit(recorder, data, ckpt_path=resume)
+        return recorder
+
+    straight = run(3, "straight").images
+    run(2, "stopped")
+    resumed = run(3, "resumed", resume=tmp_path / "stopped/last.ckpt").images
+    assert [e for e, _ in resumed] == [2, 2]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, straight[-2:]))
+    assert not torch.equal(resumed[0][1], straight[2][1])  # epoch 1's first sample differs from epoch 2's
