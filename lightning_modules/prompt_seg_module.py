@@ -9,7 +9,7 @@ from inference.checkpoints import load_network_weights
 from lightning_modules.validation import VolumeValidation
 from networks.compiled import compile_blocks
 from networks.prompt_seg_net import PromptSegNet
-from networks.routing import balance_loss
+from networks.routing import balance_loss, route_separation_loss
 from networks.text_encoders import PromptEmbedder, build_text_encoder
 
 TEXT_ENCODER_DIMS = {"minilm": 384}
@@ -63,6 +63,8 @@ class PromptSegModule(VolumeValidation):
             router currently prefers, which short runs need (a route redrawn every step trains
             six times slower and cannot settle).
         balance_weight: weight of the load-balancing term against routing collapse.
+        separation_weight: weight of the term that keeps two prompts of one image whose targets
+            differ off one whole route (``networks/routing.py``), phase 1; 0 is the paper's loss.
         router_lr_scale: the routers' learning rate as a fraction of ``lr``. Below 1, routes change
             less often while the sub-pathways learn: each change hands a prompt to a sub-pathway
             that has not learned it, which short runs cannot afford (paper: 1).
@@ -108,6 +110,7 @@ class PromptSegModule(VolumeValidation):
         gumbel_noise_start: float = 1.0,
         gumbel_noise_end: float = 0.0,
         balance_weight: float = 0.01,
+        separation_weight: float = 0.0,
         router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
@@ -253,6 +256,10 @@ class PromptSegModule(VolumeValidation):
             balance = torch.stack([balance_loss(logits) for logits in output.router_logits]).mean()
             loss = loss + self.hparams.balance_weight * balance
             self.log("train/balance", balance, batch_size=len(batch["prompts"]))
+        if self.phase == 1 and self.hparams.separation_weight > 0 and self.hparams.num_paths > 1:
+            separation = route_separation_loss(output.router_logits, batch["masks"], batch["image_index"])
+            loss = loss + self.hparams.separation_weight * separation
+            self.log("train/route_separation", separation, batch_size=len(batch["prompts"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
 

@@ -53,6 +53,42 @@ def balance_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.shape[-1] * (mean_probability**2).sum()
 
 
+def shared_route_probability(logits: list[torch.Tensor]) -> torch.Tensor:
+    """(N, N) probability that two prompts take the same whole route when each level's choice is
+    drawn from ``softmax(logits)``: the product over levels of the two distributions' overlap."""
+    probability = logits[0].new_ones(logits[0].shape[0], logits[0].shape[0])
+    for level in logits:
+        q = level.float().softmax(dim=-1)
+        probability = probability * (q @ q.T)
+    return probability
+
+
+def route_separation_loss(logits: list[torch.Tensor], masks: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """Keeps prompts with different targets off one whole route.
+
+    For every two pairs of one image, the probability that they share a whole route
+    (:func:`shared_route_probability`) weighted by how different their targets are on that image,
+    ``1 - Dice(target_a, target_b)`` (0 when both are empty); mean over those pairs. Two prompts
+    on one route share every decoder feature and differ only in the head, which cannot give a
+    lung tumour its own mask while its route answers "lung".
+
+    Args:
+        logits: per level, router logits (N, M) of the N pairs.
+        masks: targets (N, 1, D, H, W).
+        image_index: (N,) image of each pair.
+    """
+    flat = masks.flatten(1).float()
+    sizes = flat.sum(dim=1)
+    total = sizes[:, None] + sizes[None, :]
+    overlap = 2 * (flat @ flat.T) / total.clamp_min(1)
+    difference = torch.where(total > 0, 1 - overlap, torch.zeros_like(overlap))
+    same_image = image_index[:, None] == image_index[None, :]
+    pairs = same_image & torch.ones_like(same_image).triu(diagonal=1)
+    if not pairs.any():
+        return logits[0].sum() * 0.0
+    return (difference * shared_route_probability(logits))[pairs].mean()
+
+
 class AutomaticPathway(nn.Module):
     """A router and ``num_paths`` sub-pathways of identical structure; runs the chosen one per sample.
 

@@ -6,7 +6,7 @@ import torch
 from export import network_from_config, parameter_counts
 from networks.head import FOREGROUND_PRIOR
 from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups
-from networks.routing import AutomaticPathway, balance_loss
+from networks.routing import AutomaticPathway, balance_loss, route_separation_loss, shared_route_probability
 from tests.conftest import TINY_NETWORK
 
 EMBED = 32
@@ -299,3 +299,32 @@ def test_input_offset_centres_the_window_and_older_checkpoints_load_uncentred(ch
     del older["hyper_parameters"]["input_offset"]
     torch.save(older, tmp_path / "older.ckpt")
     assert load_model(tmp_path / "older.ckpt").network.input_offset == 0.0
+
+
+def test_route_separation_against_a_hand_computed_case():
+    """Two levels of two paths. Pairs 0 and 1 share a whole route with probability 0.5 and their
+    targets overlap with Dice 2*2/(4+2): 0.5 * (1 - 2/3). Pair 2 never shares their route. Mean
+    over the three pairs of the image: 1/18. On different images nothing is compared."""
+    level_1 = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]]).clamp_min(1e-12).log()
+    level_2 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).clamp_min(1e-12).log()
+    assert torch.allclose(shared_route_probability([level_1, level_2])[0, 1], torch.tensor(0.5))
+    masks = torch.zeros(3, 1, 2, 2, 2)
+    masks[0, 0, 0] = 1  # 4 voxels
+    masks[1, 0, 0, 0] = 1  # 2 of them
+    one_image = route_separation_loss([level_1, level_2], masks, torch.zeros(3, dtype=torch.long))
+    assert one_image.item() == pytest.approx(1 / 18, abs=1e-6)
+    assert route_separation_loss([level_1, level_2], masks, torch.arange(3)).item() == 0.0
+    same_target = masks[[0, 0, 2]]  # pairs 0 and 1 now have one target: no pull apart
+    assert route_separation_loss([level_1, level_2], same_target, torch.zeros(3, dtype=torch.long)).item() < 1e-6
+
+
+def test_route_separation_gradient_pulls_routes_of_different_targets_apart():
+    logits = [
+        torch.zeros(2, 3, requires_grad=True),
+        torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]], requires_grad=True),
+    ]
+    masks = torch.zeros(2, 1, 2, 2, 2)
+    masks[0, 0, 0], masks[1, 0, 1] = 1, 1  # disjoint targets
+    route_separation_loss(logits, masks, torch.zeros(2, dtype=torch.long)).backward()
+    step = [level - 0.1 * level.grad for level in logits]
+    assert shared_route_probability(step)[0, 1] < shared_route_probability(logits)[0, 1]
