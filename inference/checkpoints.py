@@ -116,7 +116,8 @@ def load_reference(path: str | Path, checkpoint: dict) -> LoadedModel:
     if not prompts or "filters" not in hparams:
         raise CheckpointError(f"checkpoint {path} is a reference checkpoint without its prompts or filters")
     offset = float(hparams.get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
-    network = ReferenceNet(len(prompts), tuple(hparams["filters"]), input_offset=offset)
+    deep = int(hparams.get("deep_supervision", 0))  # its heads are unused at inference, but stored
+    network = ReferenceNet(len(prompts), tuple(hparams["filters"]), input_offset=offset, deep_supervision=deep)
     state = network_state(checkpoint)
     check_state(network, state, path)
     network.load_state_dict(state)

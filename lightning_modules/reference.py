@@ -27,6 +27,8 @@ class ReferenceModule(VolumeValidation):
             loss with this exponent (see ``lightning_modules/losses.py``).
         ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
             TopK loss uses 0.1), which keeps small structures from collapsing to background.
+        deep_supervision: coarser decoder levels supervised too (nnU-Net: all but the two
+            coarsest), each level's loss weighted half the one above it; 0: the final output only.
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -44,6 +46,7 @@ class ReferenceModule(VolumeValidation):
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
+        deep_supervision: int = 0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -66,6 +69,7 @@ class ReferenceModule(VolumeValidation):
                 self.hparams.filters,
                 input_offset=self.hparams.input_offset,
                 channels_last=self.hparams.channels_last,
+                deep_supervision=self.hparams.deep_supervision,
             )
 
     @property
@@ -83,9 +87,15 @@ class ReferenceModule(VolumeValidation):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
         losses = self.supervised_losses(output.logits, batch)
+        loss = losses["loss"]
+        if output.deep_logits:
+            weights = [0.5**level for level in range(len(output.deep_logits) + 1)]
+            deep = [self.supervised_losses(logits, batch)["loss"] for logits in output.deep_logits]
+            loss = sum(w * term for w, term in zip(weights, [loss, *deep])) / sum(weights)
+            losses["deep_supervised"] = loss
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]), prog_bar=name == "loss")
-        return losses["loss"]
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,12 @@ MIN_SIZE = 64  # instance norm needs more than one voxel in the 1/32 map
 
 @dataclass
 class NetworkOutput:
-    """Logits (N, 1, D, H, W) for N (image, prompt) pairs and the router logits of each level."""
+    """Logits (N, 1, D, H, W) for N (image, prompt) pairs, the router logits of each level, and in
+    training with deep supervision the coarser levels' logits (each at full size, finest first)."""
 
     logits: torch.Tensor
     router_logits: list[torch.Tensor]
+    deep_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class PromptSegNet(nn.Module):

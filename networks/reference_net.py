@@ -29,6 +29,8 @@ class ReferenceNet(nn.Module):
         input_offset: subtracted from the windowed image first (see ``PromptSegNet``).
         channels_last: convolution weights in channels-last 3D memory format (as
             :class:`~networks.prompt_seg_net.PromptSegNet`: same values, faster on CPU).
+        deep_supervision: coarser decoder levels (1/2, 1/4, ...) with an output head of their
+            own, whose logits training also supervises (nnU-Net's deep supervision; 0: none).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class ReferenceNet(nn.Module):
         in_channels: int = 1,
         input_offset: float = 0.5,
         channels_last: bool = True,
+        deep_supervision: int = 0,
     ):
         super().__init__()
         if num_tasks < 1 or len(filters) != 6:
@@ -54,9 +57,12 @@ class ReferenceNet(nn.Module):
             filters=list(filters),
             norm_name="instance",
             res_block=True,
+            deep_supervision=deep_supervision > 0,
+            deep_supr_num=max(deep_supervision, 1),
         )
         with torch.no_grad():
-            self.unet.output_block.conv.conv.bias.fill_(prior_bias())
+            for head in [self.unet.output_block, *getattr(self.unet, "deep_supervision_heads", [])]:
+                head.conv.conv.bias.fill_(prior_bias())
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
 
@@ -76,8 +82,11 @@ class ReferenceNet(nn.Module):
         if image_index is None:
             image_index = torch.arange(image.shape[0], device=image.device)
         size = image.shape[2:]
-        logits = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)[
-            (..., *(slice(0, s) for s in size))
-        ]
+        output = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)
+        output = output[(..., *(slice(0, s) for s in size))]
         channels = self.channels(prompt_embedding).to(image_index.device)
-        return NetworkOutput(logits[image_index, channels][:, None], [])
+        if output.dim() == 5:
+            return NetworkOutput(output[image_index, channels][:, None], [])
+        # deep supervision in training: (B, 1 + levels, tasks, ...), the coarser levels upsampled
+        levels = [output[:, k][image_index, channels][:, None] for k in range(output.shape[1])]
+        return NetworkOutput(levels[0], [], levels[1:])

@@ -328,3 +328,17 @@ def test_route_separation_gradient_pulls_routes_of_different_targets_apart():
     route_separation_loss(logits, masks, torch.zeros(2, dtype=torch.long)).backward()
     step = [level - 0.1 * level.grad for level in logits]
     assert shared_route_probability(step)[0, 1] < shared_route_probability(logits)[0, 1]
+
+
+def test_reference_deep_supervision_adds_full_size_coarse_outputs_in_training_only():
+    from networks.reference_net import ReferenceNet
+
+    torch.manual_seed(0)
+    network = ReferenceNet(4, (4, 4, 8, 8, 16, 16), deep_supervision=2)
+    image, rows, index = torch.rand(1, 1, 40, 64, 64), torch.eye(4)[[1, 3]], torch.tensor([0, 0])
+    trained = network(image, rows, index)
+    assert trained.logits.shape == (2, 1, 40, 64, 64)
+    assert [tuple(d.shape) for d in trained.deep_logits] == [(2, 1, 40, 64, 64)] * 2
+    assert not torch.allclose(trained.deep_logits[0], trained.logits)
+    inferred = network.eval()(image, rows, index)
+    assert inferred.deep_logits == [] and torch.allclose(inferred.logits, trained.logits, atol=1e-5)

@@ -490,18 +490,19 @@ def test_reference_network_trains_on_partial_labels_and_segments_through_segment
     from lightning_modules.reference import ReferenceModule
 
     L.seed_everything(0)
-    reference = ReferenceModule(filters=(4, 4, 8, 8, 16, 16), lr=1e-3, sw_roi=64, sw_batch_size=1)
+    reference = ReferenceModule(filters=(4, 4, 8, 8, 16, 16), lr=1e-3, sw_roi=64, sw_batch_size=1, deep_supervision=1)
     data = data_module(phantom_registry, tmp_path / "cache")
-    before = None
+    before = []
+    heads = lambda module: [module.network.unet.output_block, *module.network.unet.deep_supervision_heads]  # noqa: E731
 
     class FirstWeights(L.Callback):
         def on_train_start(self, trainer, module) -> None:
-            nonlocal before
-            before = module.network.unet.output_block.conv.conv.weight.detach().clone()
+            before.extend(head.conv.conv.weight.detach().clone() for head in heads(module))
 
     trainer(tmp_path, 2, validate=True, callbacks=[FirstWeights()]).fit(reference, data)
     assert reference.prompts == sorted({t.prompt for t in data.tasks}) and len(reference.prompts) == 15
-    assert not torch.equal(before, reference.network.unet.output_block.conv.conv.weight)
+    assert len(before) == 2  # the final head and the deep-supervision head at 1/2 resolution both learn
+    assert not any(torch.equal(a, head.conv.conv.weight) for a, head in zip(before, heads(reference)))
     model = load_model(tmp_path / "checkpoints" / "last.ckpt")
     image = next((phantom_root / "Dataset002_PhantomThorax" / "imagesTr").glob("*.nii.gz"))
     output = tmp_path / "segment"
