@@ -637,7 +637,9 @@ def test_simulated_gpu_node_breaks_cuda_state_calls_in_forked_workers_only():
         "        with torch.random.fork_rng(): return torch.zeros(1)\n"
         "next(iter(DataLoader(Forking(), num_workers=1)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert result.returncode != 0 and "Cannot re-initialize CUDA in forked subprocess" in result.stderr
 
 
@@ -664,7 +666,8 @@ def test_paper_config_trains_two_steps_with_augmenting_workers_on_a_simulated_gp
         cwd=tmp_path,
         env=environment,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
