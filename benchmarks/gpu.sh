@@ -30,16 +30,17 @@ paper=(--config configs/paper.yaml)
 step 45 python -m benchmarks.params "${paper[@]}" --results "$results"
 # training step, 96^3, batch 2, bf16: SwinUNETR(48) at one prompt; ours at 1/4/8 prompts per image
 step 90 python -m benchmarks.train_step "${paper[@]}" --patch 96 --batch 2 --prompts 1 4 8 --results "$results"
-# sliding window 256^3: 1 and 10 prompts, full and trimmed timed in turns
-step 100 python -m benchmarks.inference_speed "${paper[@]}" --sizes 256 --prompts 1 10 --repeats 2 --results "$results"
 python make_phantoms.py --output data/phantoms --preset small --cases 4 --few-shot-cases 2 > /dev/null 2>&1
-step 45 python -m benchmarks.dataloader --patch 96 --batches 6 --results "$results"
-# configs/paper.yaml as written (augmentation, 8 workers, DDP strategy, bf16) for 4 short epochs,
-# uninterrupted twice and stopped in phase 2 then resumed; CLIP's architecture with random weights
-# unless TABLE (an embedding table of the phantom prompts, PromptEmbedder.save_table) is given
+# configs/paper.yaml as written (augmentation, 8 workers, DDP strategy, bf16) for 3 short epochs (1 joint,
+# 2 path), uninterrupted twice and stopped in phase 2 then resumed; CLIP's architecture with random
+# weights unless TABLE (an embedding table of the phantom prompts, PromptEmbedder.save_table) is given
 text=(--model.text_encoder_weights null)
 [ -n "$table" ] && text=(--model.text_encoder table --model.text_encoder_weights "$(realpath "$table")" --model.embedding_dim null)
-step 180 python -m benchmarks.resume_smoke "${paper[@]}" --results "$results" -- "${text[@]}"
+step 150 python -m benchmarks.resume_smoke "${paper[@]}" --joint-epochs 1 --path-epochs 2 --stop-epoch 2 \
+  --steps-per-epoch 4 --results "$results" -- "${text[@]}"
+# sliding window 256^3: 1 and 10 prompts, full and trimmed timed in turns
+step 100 python -m benchmarks.inference_speed "${paper[@]}" --sizes 256 --prompts 1 10 --repeats 2 --results "$results"
+step 45 python -m benchmarks.dataloader --patch 96 --batches 6 --results "$results"
 # what time is left: 100 prompts on 128^3 (about 60x one prompt's decoder work when the 100 routes
 # differ), then compiled (SwinUNETR whole, ours per block; compilation in the warm-up steps)
 step 60 python -m benchmarks.inference_speed "${paper[@]}" --sizes 128 --prompts 1 100 --repeats 1 --results "$results"
