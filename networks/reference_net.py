@@ -85,8 +85,8 @@ class ReferenceNet(nn.Module):
         output = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)
         output = output[(..., *(slice(0, s) for s in size))]
         channels = self.channels(prompt_embedding).to(image_index.device)
-        if output.dim() == 5:
-            return NetworkOutput(output[image_index, channels][:, None], [])
-        # deep supervision in training: (B, 1 + levels, tasks, ...), the coarser levels upsampled
+        if output.dim() == 5:  # without deep supervision (or in eval): the final level alone
+            output = output[:, None]
+        # (B, 1 + coarser levels, tasks, ...), the coarser levels upsampled to full size
         levels = [output[:, k][image_index, channels][:, None] for k in range(output.shape[1])]
         return NetworkOutput(levels[0], [], levels[1:])
