@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine that has PyTorch but may lack our other packages and any network:
 #   bash benchmarks/gpu.sh RESULTS_DIR [WHEELS_DIR] [TABLE]
-# Installs what is missing from WHEELS_DIR (pip download -r requirements.txt -d WHEELS_DIR, minus
-# torch), runs every benchmark within about 8 minutes (each step is cut at its own limit and at the
+# Installs the wheels in WHEELS_DIR beside the image's packages (what a PyTorch GPU image lacks, 59 MB:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d WHEELS_DIR \
+#     monai==1.6.1 torchio==1.2.1 deprecated jsonargparse==4.53.0 docstring-parser typeshed-client \
+#     importlib_resources omegaconf==2.4.0 antlr4-python3-runtime nibabel==5.4.2 SimpleITK==2.5.7 \
+#     pydicom==3.0.2 pynrrd==1.1.3
+# ), runs every benchmark within about 8 minutes (each step is cut at its own limit and at the
 # 8-minute deadline; its records up to then are kept), writes JSON lines, summary.md and plots.
 # cpu_step is CPU-only and not run here.
 set -uo pipefail
@@ -12,8 +16,9 @@ table=${3:-}
 cd "$(dirname "$0")/.."
 mkdir -p "$results"
 if [ -n "$wheels" ]; then
-  grep -vE '^(torch|torchvision)==' requirements.txt > "$results/requirements-gpu.txt"
-  python -m pip install -q --no-index --find-links "$wheels" -r "$results/requirements-gpu.txt" 2>&1 | tail -3
+  site=$(mktemp -d)
+  python -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl 2>&1 | tail -3
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + 465))  # the report runs after it

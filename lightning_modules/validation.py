@@ -88,8 +88,9 @@ class VolumeValidation(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Predict ``validation_prompt_chunk`` prompts at a time, stitched on the CPU, and score
-        each against its mask made from the label map just then."""
-        image, labels = batch["image"].to(self.device), batch["labels"].numpy()
+        each against its mask made from the label map just then. The batch may arrive on the
+        accelerator (DDP's forward moves it there), so NumPy reads host copies."""
+        image, labels = batch["image"].to(self.device), batch["labels"].cpu().numpy()
         chunk = self.validation_prompt_chunk
         for start in range(0, len(batch["prompts"]), chunk):
             prompts = batch["prompts"][start : start + chunk]
@@ -103,7 +104,11 @@ class VolumeValidation(L.LightningModule):
                 device=torch.device("cpu"),
             )
             if batch_idx == 0 and start == 0:  # the overlay's label map: one byte a voxel
-                self.overlay_sample = (batch["image"][0, 0].numpy(), label_map(probabilities.numpy() > 0.5), prompts)
+                self.overlay_sample = (
+                    batch["image"][0, 0].cpu().numpy(),
+                    label_map(probabilities.numpy() > 0.5),
+                    prompts,
+                )
             self._score_chunk(probabilities > 0.5, labels, batch, start)
             del probabilities  # freed before the next chunk is predicted
 

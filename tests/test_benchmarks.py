@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import dataloader, validation_memory
 from lightning_modules.validation import VolumeValidation
 
@@ -50,6 +52,33 @@ def test_validation_frees_each_chunk_before_predicting_the_next(monkeypatch):
     module.validation_step(validation_memory.synthetic_batch((12, 10, 8), 20), 0)
     assert alive_at_call == [0, 0, 0]  # 20 prompts, 8 at a time
     assert module.overlay_sample[1].dtype == "uint8"
+
+
+def test_validation_scores_a_batch_that_arrives_on_the_accelerator():
+    """DDP's forward moves the validation volume to the GPU; scoring reads host copies (the label map's
+    ``.numpy()`` on a CUDA tensor failed the GPU node's sanity check)."""
+    import torch
+
+    class OnAccelerator(torch.Tensor):
+        """NumPy refuses it, as it refuses a CUDA tensor, until ``.cpu()`` or ``.to()`` copies it."""
+
+        def numpy(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor)
+
+        def to(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor).to(*args, **kwargs)
+
+    module = validation_memory.CheapValidation(16, 0.0, 1)
+    batch = validation_memory.synthetic_batch((12, 10, 8), 3)
+    on_accelerator = {k: v.as_subclass(OnAccelerator) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with pytest.raises(TypeError, match="cuda"):
+        on_accelerator["labels"].numpy()
+    module.validation_step(on_accelerator, 0)
+    assert sorted(module.validation_scores["dice"]) == batch["prompts"]
+    assert module.overlay_sample[0].shape == (12, 10, 8)
 
 
 def test_dataloader_benchmark_reports_per_worker_rates_and_the_node_extrapolation(phantom_registry, capsys):
