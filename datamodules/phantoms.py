@@ -70,6 +70,7 @@ DATASETS = (
 )
 FEW_SHOT_DATASET = PhantomDataset(4, "PhantomRenalArtery", ("renal artery",))
 FAT_CAPSULE_MM = {"left kidney": 5.0, "right kidney": 5.0, "bladder": 4.0}  # at the small preset's scale
+HEART_CHAMBER_FRACTION = 0.7  # the chambers' radii over the heart's: a wall of 30 % of each radius
 TUBULAR = ("aorta", "pulmonary artery", "airway", "superior mesenteric artery", "renal artery")
 
 # Hounsfield units each structure is painted with, as (low, high) to draw from per case.
@@ -79,12 +80,15 @@ TUBULAR = ("aorta", "pulmonary artery", "airway", "superior mesenteric artery", 
 # measured while the renal artery enhanced by 240-288 HU (Eur J Radiol 2007;63(3):420-6); the
 # phantom's homogeneous kidney (cortex and medulla together) takes 150-220 HU. Urine is near water
 # (0 HU by the definition of the scale). Perirenal fat (inside Gerota's fascia) and perivesical fat
-# surround the kidneys and the bladder (``FAT_CAPSULE_MM``), as in every abdominal CT.
+# surround the kidneys and the bladder (``FAT_CAPSULE_MM``), as in every abdominal CT. The heart's
+# chambers hold the blood the aorta receives, painted with the aorta's value of the case; its wall is
+# enhanced myocardium: normal left-ventricular myocardium measured 79-104 HU (regional means) in
+# contrast-enhanced 320-row CT (Normal perfusion of the left ventricular myocardium using 320-MDCT).
 HU_RANGES: dict[str, tuple[float, float]] = {
     "fat": (-120.0, -80.0),
     "soft tissue": (30.0, 50.0),
     "lung": (-870.0, -830.0),
-    "heart": (35.0, 50.0),
+    "heart": (80.0, 105.0),  # myocardium; the chambers take the aorta's value
     "liver": (55.0, 65.0),
     "liver tumor": (20.0, 30.0),
     "spleen": (45.0, 55.0),
@@ -258,6 +262,9 @@ def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
     anatomy.add(Structure("lung", lungs, hu("lung")))
     heart = Ellipsoid(at(0.12, -0.3, 0.25), radii(0.28, 0.3, 0.22))
     anatomy.add(Structure("heart", [heart], hu("heart")))
+    # unlabelled, inside the heart's mask; painted with the aorta's value once the aorta is drawn
+    chambers = Structure("heart chambers", [Ellipsoid(heart.centre, heart.radii * HEART_CHAMBER_FRACTION)], np.nan)
+    anatomy.add(chambers)
     liver = Ellipsoid(at(-0.45, -0.05, -0.12), radii(0.42, 0.55, 0.26))
     anatomy.add(Structure("liver", [liver], hu("liver")))
     anatomy.add(Structure("spleen", [Ellipsoid(at(0.58, 0.25, -0.05), radii(0.16, 0.22, 0.16))], hu("spleen")))
@@ -276,7 +283,7 @@ def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
     ]
     anatomy.add(Structure("vertebrae", vertebrae, hu("vertebrae")))
     _add_lesions(rng, anatomy, liver, lungs, hu)
-    _add_vessels(rng, anatomy, half, scale, heart, kidneys, hu)
+    chambers.hu = _add_vessels(rng, anatomy, half, heart, kidneys, hu)
     _add_airway(rng, anatomy, half, scale, hu)
     return anatomy
 
@@ -302,7 +309,8 @@ def _add_lesions(rng, anatomy: Anatomy, liver: Ellipsoid, lungs: list[Ellipsoid]
         )
 
 
-def _add_vessels(rng, anatomy: Anatomy, half, scale, heart: Ellipsoid, kidneys: dict[str, Ellipsoid], hu) -> None:
+def _add_vessels(rng, anatomy: Anatomy, half, heart: Ellipsoid, kidneys: dict[str, Ellipsoid], hu) -> float:
+    """Aorta with its branches and the pulmonary arteries; returns the aorta's HU (arterial blood)."""
     jitter = lambda: rng.normal(0.0, 0.02, 3) * half  # noqa: E731
     x0 = heart.centre[0] * 0.3
     control = np.array(
@@ -318,8 +326,9 @@ def _add_vessels(rng, anatomy: Anatomy, half, scale, heart: Ellipsoid, kidneys: 
     control[1:] += np.stack([jitter() for _ in range(len(control) - 1)])
     aorta_line = _smooth_curve(control, 32)
     aorta_radius = 0.09 * half[0] * rng.uniform(0.9, 1.1)
+    arterial_blood = hu("aorta")
     anatomy.add(
-        Structure("aorta", [Tube(aorta_line, np.full(len(aorta_line), aorta_radius))], hu("aorta"), tubular=True)
+        Structure("aorta", [Tube(aorta_line, np.full(len(aorta_line), aorta_radius))], arterial_blood, tubular=True)
     )
 
     def branch_from_aorta(z_fraction: float, target: np.ndarray) -> Tube:
@@ -351,6 +360,7 @@ def _add_vessels(rng, anatomy: Anatomy, half, scale, heart: Ellipsoid, kidneys: 
         direction = np.array([side, 0.3, 0.1]) + rng.normal(0.0, 0.1, 3)
         pulmonary += _branch_tree(rng, trunk_end, direction, 0.28 * half[0], trunk_radius * 0.75, generations=3)
     anatomy.add(Structure("pulmonary artery", pulmonary, hu("pulmonary artery"), tubular=True))
+    return arterial_blood
 
 
 def _add_airway(rng, anatomy: Anatomy, half, scale, hu) -> None:

@@ -246,8 +246,72 @@ def test_few_shot_table_compares_each_baseline_with_ours(tmp_path):
                 {"method": method, "shots": 1, "case": str(case), "task": "renal artery"}
                 | {"Dice": value, "clDice": value, "Tsens": value, "Tprec": value}
             )
-    table = write_outputs(rows, tmp_path)
+    budgets = [
+        {
+            "method": "ours",
+            "shots": 1,
+            "steps": 360,
+            "best_step": 216,
+            "validation": [[36, 0.1], [216, 0.6], [360, 0.5]],
+        },
+        {"method": "SwinUNETR", "shots": 1, "steps": 720, "best_step": None, "validation": None},
+    ]
+    table = write_outputs(rows, budgets, tmp_path)
     assert (tmp_path / "per_case.csv").is_file() and (tmp_path / "table.md").read_text() == table
+    assert "| ours | 360 | 60.00 | 216 |" in table and "| SwinUNETR | 720 | - | - |" in table
     swin_row = next(line for line in table.splitlines() if line.startswith("| Dice | SwinUNETR |"))
     sole_row = next(line for line in table.splitlines() if line.startswith("| Dice | sole-path"))
     assert swin_row.endswith("* |") and not sole_row.endswith("* |")
+
+
+def test_validation_plateau_stops_after_patience_and_keeps_the_best_weights():
+    """Dice per check 0, 2/3, 1, 2/3, 2/3 with patience 2: training stops after the fifth epoch (10
+    steps) and keeps the weights of step 6, where SGD on (w - 100)^2 with lr 0.01 put w at 100 (1 - 0.98^6)."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fewshot_experiment import ValidationPlateau
+
+    class Toy(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return ((self.w - 100.0) ** 2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return DataLoader(torch.zeros(2, 1), batch_size=1)  # two steps an epoch
+
+    masks = {"none": [0, 0, 0, 0], "one": [1, 0, 0, 0], "both": [1, 1, 0, 0]}
+    predictions = iter(torch.tensor([masks[k]], dtype=torch.float32) for k in ("none", "one", "both", "one", "one"))
+    volume = {"image": torch.zeros(1), "labels": torch.tensor([1, 1, 0, 0]), "label_values": [(1,)]}
+    plateau = ValidationPlateau(lambda image: next(predictions), [volume], every=1, patience=2)
+    trainer = L.Trainer(
+        max_epochs=20,
+        min_epochs=1,
+        callbacks=[plateau],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Toy())
+    assert trainer.global_step == 10 and plateau.best_step == 6
+    assert [round(d, 3) for _, d in plateau.history] == [0.0, 0.667, 1.0, 0.667, 0.667]
+    assert plateau.best_state["w"].item() == pytest.approx(100 * (1 - 0.98**6), rel=1e-5)
+
+
+def test_few_shot_plateau_without_validation_cases_is_one_line(tmp_path, capsys):
+    from fewshot_experiment import main as fewshot_main
+
+    checkpoint = tmp_path / "joint.ckpt"
+    checkpoint.write_bytes(b"")
+    assert fewshot_main(["--checkpoint", str(checkpoint), "--until-plateau", "--output", str(tmp_path / "t3")]) == 2
+    assert capsys.readouterr().err.startswith("error: --until-plateau needs --validation-registry")
+    assert not (tmp_path / "t3").exists()

@@ -10,7 +10,16 @@ import SimpleITK as sitk
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
-from datamodules.phantoms import DATASETS, FEW_SHOT_DATASET, HU_RANGES, PRESETS, TUBULAR, make_case, write_dataset
+from datamodules.phantoms import (
+    DATASETS,
+    FEW_SHOT_DATASET,
+    HU_RANGES,
+    PRESETS,
+    TUBULAR,
+    make_case,
+    random_anatomy,
+    write_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,7 @@ def test_same_seed_writes_identical_files(tmp_path):
 
 def test_structures_lie_in_their_hounsfield_ranges(case):
     image, masks, _ = case
-    for name in ("liver", "spleen", "lung", "heart", "vertebrae", "aorta", "bladder"):
+    for name in ("liver", "spleen", "lung", "vertebrae", "aorta", "bladder"):
         interior = ndimage.binary_erosion(masks[name], iterations=2)
         if interior.sum() < 20:
             continue
@@ -41,6 +50,24 @@ def test_structures_lie_in_their_hounsfield_ranges(case):
         median = np.median(image[interior])
         assert low - 30 <= median <= high + 30, f"{name}: median {median} outside {low}..{high}"
     assert image.dtype == np.int16 and image.min() >= -1024
+
+
+def test_heart_chambers_hold_the_aortas_blood_inside_an_enhanced_wall():
+    """The heart's chambers carry the aorta's value of the case (one blood) inside a myocardial wall."""
+    for case_index in range(3):
+        rng = np.random.default_rng([0, 2, case_index])
+        structures = {s.name: s for s in random_anatomy(rng, PRESETS["small"]).structures}
+        heart, chambers = structures["heart"], structures["heart chambers"]
+        assert chambers.hu == structures["aorta"].hu
+        assert HU_RANGES["heart"][0] <= heart.hu <= HU_RANGES["heart"][1]
+        assert np.allclose(chambers.shapes[0].centre, heart.shapes[0].centre)
+        assert np.all(chambers.shapes[0].radii < heart.shapes[0].radii)
+        image, masks, _ = make_case(0, 2, case_index, PRESETS["small"])
+        aorta = np.median(image[ndimage.binary_erosion(masks["aorta"], iterations=1)])
+        heart_only = masks["heart"] & ~masks["aorta"] & ~masks["pulmonary artery"]
+        depth = ndimage.distance_transform_edt(heart_only)
+        deep = np.median(image[heart_only & (depth > 0.6 * depth.max())])
+        assert abs(deep - aorta) < 40, f"case {case_index}: heart centre {deep} HU, aorta {aorta} HU"
 
 
 def test_tubular_structures_are_one_component_and_long(case):
