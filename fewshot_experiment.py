@@ -11,8 +11,8 @@ from ours with p < 0.05, two-tailed paired t-test, and the steps each method tra
 
 Budget: ``--epochs`` for every method, or ``--until-plateau``: every method trains until its mean
 validation Dice stops improving (checked every ``--check-every`` epochs, stopped after ``--patience``
-checks without a new best, after at least ``--min-epochs``, so that a model from scratch is not
-stopped before it starts to segment, and at most ``--max-epochs``) and is tested with its best weights. Those
+checks without a new best, at most ``--max-epochs``; a model from scratch trains at least
+``--min-epochs``, so that it is not stopped before it starts to segment) and is tested with its best weights. Those
 validation cases come from a separate phantom draw, never from the test cases:
 
     python make_phantoms.py --output data/phantoms_fewshot_val --preset small --cases 1 --few-shot-cases 3 --seed 2
@@ -54,11 +54,11 @@ NETWORK_KEYS = (
 )
 
 
-def data_for(config: dict, registry: str, shots: int, seed: int) -> MultiTaskDataModule:
+def data_for(config: dict, registry: str, seed: int, **split) -> MultiTaskDataModule:
+    """The config's data settings on ``registry``, one prompt per image, split by ``split``
+    (``shots=...`` or ``validation_fraction=...``)."""
     settings = {k: v for k, v in config["data"].items() if k not in ("registry", "shots", "prompts_per_image")}
-    return MultiTaskDataModule(
-        **settings | {"registry": registry, "shots": shots, "prompts_per_image": 1, "seed": seed}
-    )
+    return MultiTaskDataModule(**settings | {"registry": registry, "prompts_per_image": 1, "seed": seed} | split)
 
 
 class ValidationPlateau(L.Callback):
@@ -87,12 +87,18 @@ class ValidationPlateau(L.Callback):
             self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         else:
             self.checks_without_best += 1
-            trainer.should_stop = self.checks_without_best >= self.patience
+        # also withdraws a stop signalled before ``min_epochs`` once the model improves again
+        trainer.should_stop = self.checks_without_best >= self.patience
 
 
 def truth(volume: dict) -> np.ndarray:
     """The first task's mask of a validation volume."""
     return np.isin(volume["labels"].numpy(), volume["label_values"][0])
+
+
+def from_checkpoint(module: L.LightningModule) -> bool:
+    """Whether the module starts from trained weights (ours) rather than from scratch."""
+    return bool(getattr(module.hparams, "init_checkpoint", None))
 
 
 def train(
@@ -102,7 +108,7 @@ def train(
     plateau = ValidationPlateau(predict, validation, args.check_every, args.patience) if args.until_plateau else None
     trainer = L.Trainer(
         max_epochs=args.max_epochs if plateau else args.epochs,
-        min_epochs=args.min_epochs if plateau else None,
+        min_epochs=args.min_epochs if plateau and not from_checkpoint(module) else None,
         accelerator="auto",
         devices=1,
         precision=args.precision,
@@ -172,7 +178,7 @@ def run_setting(
     args: argparse.Namespace, config: dict, shots: int, validation: list[dict]
 ) -> tuple[list[dict], list[dict]]:
     """Per-case test rows and each method's training budget for one shot count."""
-    data = data_for(config, args.registry, shots, args.seed)
+    data = data_for(config, args.registry, args.seed, shots=shots)
     rows, budgets = [], []
     for name, build in methods(args, config):
         L.seed_everything(args.seed)
@@ -185,8 +191,7 @@ def run_setting(
 
 def validation_volumes(config: dict, registry: str, seed: int) -> list[dict]:
     """Every case of ``registry`` as a validation volume."""
-    settings = {k: v for k, v in config["data"].items() if k not in ("registry", "shots", "prompts_per_image")}
-    data = MultiTaskDataModule(**settings | {"registry": registry, "validation_fraction": 1.0, "seed": seed})
+    data = data_for(config, registry, seed, validation_fraction=1.0)
     data.setup("fit")
     return list(data.val_dataloader().dataset)
 
@@ -234,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-registry", help="cases that detect the plateau (not the test cases)")
     parser.add_argument("--check-every", type=int, default=2, help="epochs between validations (--until-plateau)")
     parser.add_argument("--patience", type=int, default=5, help="validations without a new best before stopping")
-    parser.add_argument("--min-epochs", type=int, default=20, help="epochs before a plateau may stop training")
+    parser.add_argument(
+        "--min-epochs", type=int, default=20, help="epochs before a plateau may stop a model from scratch"
+    )
     parser.add_argument("--max-epochs", type=int, default=60, help="epoch cap under --until-plateau")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -306,6 +306,23 @@ def test_validation_plateau_stops_after_patience_and_keeps_the_best_weights():
     assert [round(d, 3) for _, d in plateau.history] == [0.0, 0.667, 1.0, 0.667, 0.667]
     assert plateau.best_state["w"].item() == pytest.approx(100 * (1 - 0.98**6), rel=1e-5)
 
+    # a stop signalled before min_epochs is withdrawn when the model improves again: Dice 0, 0, 0
+    # (patience 2 signals at epoch 3), then 2/3 at epoch 4 (min_epochs), then 2/3, 2/3: stops after epoch 6
+    predictions = iter(torch.tensor([masks[k]], dtype=torch.float32) for k in ("none",) * 3 + ("one",) * 3)
+    plateau = ValidationPlateau(lambda image: next(predictions), [volume], every=1, patience=2)
+    trainer = L.Trainer(
+        max_epochs=20,
+        min_epochs=4,
+        callbacks=[plateau],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Toy())
+    assert trainer.global_step == 12 and plateau.best_step == 8
+
 
 def test_few_shot_plateau_without_validation_cases_is_one_line(tmp_path, capsys):
     from fewshot_experiment import main as fewshot_main
