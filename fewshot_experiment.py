@@ -76,9 +76,7 @@ class ValidationPlateau(L.Callback):
             return
         modes = {m: m.training for m in module.modules()}
         with torch.no_grad():
-            mean_dice = float(
-                np.mean([dice(self.predict(v["image"])[0].cpu().numpy() > 0.5, truth(v)) for v in self.volumes])
-            )
+            mean_dice = float(np.mean([dice(predicted_mask(self.predict, v), truth(v)) for v in self.volumes]))
         for m, training in modes.items():
             m.train(training)
         self.history.append((trainer.global_step, mean_dice))
@@ -89,6 +87,11 @@ class ValidationPlateau(L.Callback):
             self.checks_without_best += 1
         # also withdraws a stop signalled before ``min_epochs`` once the model improves again
         trainer.should_stop = self.checks_without_best >= self.patience
+
+
+def predicted_mask(predict: Callable, volume: dict) -> np.ndarray:
+    """The prediction of a volume's first task, thresholded at 0.5."""
+    return (predict(volume["image"])[0] > 0.5).cpu().numpy()
 
 
 def truth(volume: dict) -> np.ndarray:
@@ -130,8 +133,7 @@ def train(
 def score(predict, data: MultiTaskDataModule, method: str, shots: int) -> list[dict]:
     rows = []
     for case in data.val_dataloader().dataset:
-        probability = predict(case["image"])
-        prediction = (probability[0] > 0.5).cpu().numpy()
+        prediction = predicted_mask(predict, case)
         rows.append(
             {"method": method, "shots": shots, "case": case["case"], "task": case["prompts"][0]}
             | {m: f(prediction, truth(case)) for m, f in METRICS.items()}

@@ -287,21 +287,25 @@ def test_validation_plateau_stops_after_patience_and_keeps_the_best_weights():
         def train_dataloader(self):
             return DataLoader(torch.zeros(2, 1), batch_size=1)  # two steps an epoch
 
+    def fit(plateau: ValidationPlateau, min_epochs: int) -> L.Trainer:
+        trainer = L.Trainer(
+            max_epochs=20,
+            min_epochs=min_epochs,
+            callbacks=[plateau],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        trainer.fit(Toy())
+        return trainer
+
     masks = {"none": [0, 0, 0, 0], "one": [1, 0, 0, 0], "both": [1, 1, 0, 0]}
     predictions = iter(torch.tensor([masks[k]], dtype=torch.float32) for k in ("none", "one", "both", "one", "one"))
     volume = {"image": torch.zeros(1), "labels": torch.tensor([1, 1, 0, 0]), "label_values": [(1,)]}
     plateau = ValidationPlateau(lambda image: next(predictions), [volume], every=1, patience=2)
-    trainer = L.Trainer(
-        max_epochs=20,
-        min_epochs=1,
-        callbacks=[plateau],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(Toy())
+    trainer = fit(plateau, min_epochs=1)
     assert trainer.global_step == 10 and plateau.best_step == 6
     assert [round(d, 3) for _, d in plateau.history] == [0.0, 0.667, 1.0, 0.667, 0.667]
     assert plateau.best_state["w"].item() == pytest.approx(100 * (1 - 0.98**6), rel=1e-5)
@@ -310,17 +314,7 @@ def test_validation_plateau_stops_after_patience_and_keeps_the_best_weights():
     # (patience 2 signals at epoch 3), then 2/3 at epoch 4 (min_epochs), then 2/3, 2/3: stops after epoch 6
     predictions = iter(torch.tensor([masks[k]], dtype=torch.float32) for k in ("none",) * 3 + ("one",) * 3)
     plateau = ValidationPlateau(lambda image: next(predictions), [volume], every=1, patience=2)
-    trainer = L.Trainer(
-        max_epochs=20,
-        min_epochs=4,
-        callbacks=[plateau],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.fit(Toy())
+    trainer = fit(plateau, min_epochs=4)
     assert trainer.global_step == 12 and plateau.best_step == 8
 
 
