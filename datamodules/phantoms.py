@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
@@ -71,6 +72,7 @@ DATASETS = (
 FEW_SHOT_DATASET = PhantomDataset(4, "PhantomRenalArtery", ("renal artery",))
 FAT_CAPSULE_MM = {"left kidney": 5.0, "right kidney": 5.0, "bladder": 4.0}  # at the small preset's scale
 HEART_CHAMBER_FRACTION = 0.7  # the chambers' radii over the heart's: a wall of 30 % of each radius
+AIRWAY_ATTEMPTS = 50  # bronchial trees drawn at most to find one clear of the aorta and pulmonary arteries
 TUBULAR = ("aorta", "pulmonary artery", "airway", "superior mesenteric artery", "renal artery")
 
 # Hounsfield units each structure is painted with, as (low, high) to draw from per case.
@@ -284,7 +286,8 @@ def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
     anatomy.add(Structure("vertebrae", vertebrae, hu("vertebrae")))
     _add_lesions(rng, anatomy, liver, lungs, hu)
     chambers.hu = _add_vessels(rng, anatomy, half, heart, kidneys, hu)
-    _add_airway(rng, anatomy, half, scale, hu)
+    vessels = [tube for s in anatomy.structures if s.name in ("aorta", "pulmonary artery") for tube in s.shapes]
+    _add_airway(rng, anatomy, half, scale, hu, vessels)
     return anatomy
 
 
@@ -313,13 +316,17 @@ def _add_vessels(rng, anatomy: Anatomy, half, heart: Ellipsoid, kidneys: dict[st
     """Aorta with its branches and the pulmonary arteries; returns the aorta's HU (arterial blood)."""
     jitter = lambda: rng.normal(0.0, 0.02, 3) * half  # noqa: E731
     x0 = heart.centre[0] * 0.3
+    # ascending anterior, the arch to the left of the trachea and over the left main bronchus, then down
+    # beside the spine (left of it, as the trachea and bronchi must stay clear of the aorta's wall)
     control = np.array(
         [
             heart.centre + np.array([0.0, 0.0, 0.1 * half[2]]),
-            [x0, -0.12 * half[1], 0.62 * half[2]],
-            [x0 + 0.05 * half[0], 0.3 * half[1], 0.72 * half[2]],
-            [0.05 * half[0], 0.48 * half[1], 0.4 * half[2]],
-            [0.04 * half[0], 0.45 * half[1], -0.1 * half[2]],
+            [x0, -0.25 * half[1], 0.6 * half[2]],
+            [0.2 * half[0], -0.2 * half[1], 0.82 * half[2]],
+            [0.3 * half[0], 0.05 * half[1], 0.88 * half[2]],
+            [0.27 * half[0], 0.35 * half[1], 0.7 * half[2]],
+            [0.2 * half[0], 0.45 * half[1], 0.4 * half[2]],
+            [0.08 * half[0], 0.45 * half[1], -0.1 * half[2]],
             [0.02 * half[0], 0.42 * half[1], -0.7 * half[2]],
         ]
     )
@@ -357,13 +364,32 @@ def _add_vessels(rng, anatomy: Anatomy, half, heart: Ellipsoid, kidneys: dict[st
     trunk_radius = 0.07 * half[0]
     pulmonary = [Tube(np.stack([trunk_start, trunk_end]), np.full(2, trunk_radius))]
     for side in (-1.0, 1.0):
-        direction = np.array([side, 0.3, 0.1]) + rng.normal(0.0, 0.1, 3)
+        direction = np.array([side, -0.1, 0.1]) + rng.normal(0.0, 0.1, 3)
         pulmonary += _branch_tree(rng, trunk_end, direction, 0.28 * half[0], trunk_radius * 0.75, generations=3)
     anatomy.add(Structure("pulmonary artery", pulmonary, hu("pulmonary artery"), tubular=True))
     return arterial_blood
 
 
-def _add_airway(rng, anatomy: Anatomy, half, scale, hu) -> None:
+def _add_airway(rng, anatomy: Anatomy, half, scale, hu, vessels: list[Tube]) -> None:
+    """Trachea and bronchial tree with air inside a soft-tissue wall.
+
+    Bronchi run beside the pulmonary arteries, never through them: a tree whose wall would touch
+    ``vessels`` is redrawn, from generators spawned off ``rng`` so that the case's later draws stay
+    as they are (up to ``AIRWAY_ATTEMPTS`` trees; then the one farthest from the vessels).
+    """
+    wall = 1.5 * scale
+    best, best_gap = None, -np.inf
+    for generator in [rng, *rng.spawn(AIRWAY_ATTEMPTS - 1)]:
+        tubes = _airway_tree(generator, half, scale)
+        gap = surface_gap(tubes, vessels) - wall
+        if gap > best_gap:
+            best, best_gap = tubes, gap
+        if gap > 0:
+            break
+    anatomy.add(Structure("airway", best, HU_AIR, wall_mm=wall, wall_hu=hu("airway wall"), tubular=True))
+
+
+def _airway_tree(rng: np.random.Generator, half, scale) -> list[Tube]:
     top = np.array([0.0, -0.05 * half[1], 1.2 * half[2]])
     carina = np.array([0.0, 0.05 * half[1], 0.68 * half[2]]) + rng.normal(0.0, 0.02, 3) * half
     radius = 6.0 * scale * rng.uniform(0.9, 1.1)
@@ -371,8 +397,32 @@ def _add_airway(rng, anatomy: Anatomy, half, scale, hu) -> None:
     for side in (-1.0, 1.0):
         direction = np.array([side, 0.15, -0.8]) + rng.normal(0.0, 0.08, 3)
         tubes += _branch_tree(rng, carina, direction, 0.3 * half[2], radius * 0.8, generations=3)
-    wall = 1.5 * scale
-    anatomy.add(Structure("airway", tubes, HU_AIR, wall_mm=wall, wall_hu=hu("airway wall"), tubular=True))
+    return tubes
+
+
+def surface_gap(tubes: list[Tube], others: list[Tube], step_mm: float = 0.25) -> float:
+    """Smallest distance (mm) between the surfaces of two sets of tubes, negative where they overlap
+    (exact up to ``step_mm`` where they are closer than their two widest radii; farther apart, a
+    positive lower bound)."""
+    points, radii = _sampled_axis(tubes, step_mm)
+    other_points, other_radii = _sampled_axis(others, step_mm)
+    reach = float(radii.max() + other_radii.max())
+    other_tree = cKDTree(other_points)
+    near = cKDTree(points).sparse_distance_matrix(other_tree, reach, output_type="ndarray")
+    if len(near) == 0:
+        return float(other_tree.query(points)[0].min()) - reach
+    return float((near["v"] - radii[near["i"]] - other_radii[near["j"]]).min())
+
+
+def _sampled_axis(tubes: list[Tube], step_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points along every tube's axis, ``step_mm`` apart, and the tube's radius at each."""
+    points, radii = [], []
+    for tube in tubes:
+        for a, b, ra, rb in zip(tube.points[:-1], tube.points[1:], tube.radii[:-1], tube.radii[1:]):
+            t = np.linspace(0.0, 1.0, max(int(np.ceil(np.linalg.norm(b - a) / step_mm)), 1) + 1)
+            points.append(a + (b - a) * t[:, None])
+            radii.append(ra + (rb - ra) * t)
+    return np.concatenate(points), np.concatenate(radii)
 
 
 # ----------------------------------------------------------------------------- rendering
