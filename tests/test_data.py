@@ -148,6 +148,15 @@ def test_task_probabilities_interpolate_uniform_and_proportional():
     assert np.allclose(task_probabilities([1, 9], 1.0), [0.1, 0.9])
 
 
+def test_task_probabilities_sample_small_structures_more_often():
+    # weights 0.1 ** -0.5 = 3.16 and 0.001 ** -0.5 = 31.6; an absent structure counts as 1e-6 (weight 1000)
+    assert np.allclose(task_probabilities([4, 4], 0.0, [0.1, 0.001], 0.5), [1 / 11, 10 / 11])
+    assert np.allclose(
+        task_probabilities([4, 4], 0.0, [0.1, 0.0], 0.5), np.array([0.1**-0.5, 1000]) / (0.1**-0.5 + 1000)
+    )
+    assert np.allclose(task_probabilities([1, 4], 1.0, [0.1, 0.1], 0.5), [0.2, 0.8])
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, phantom_registry):
     entry = load_registry(phantom_registry)[0]
     case, values = entry.cases[0], set(entry.labels.values())
@@ -306,6 +315,19 @@ def test_each_image_is_supervised_only_on_the_tasks_its_data_set_labels(phantom_
         if seen_nested and index >= 12:
             break
     assert seen_nested
+
+
+def test_voxel_fraction_is_the_share_of_the_tasks_labels_in_the_training_volumes(phantom_data):
+    cases = phantom_data.train_cases["PhantomLesions"]
+    for task in phantom_data.tasks_of("PhantomLesions"):
+        held, total = 0, 0
+        for case in cases:
+            labels = phantom_data.volume(case, 3.0).labels
+            held += int(torch.isin(labels, torch.tensor(task.label_values)).sum())
+            total += labels.numel()
+        assert phantom_data.voxel_fraction(task, cases) == pytest.approx(held / total)
+    fraction = {t.prompt: phantom_data.voxel_fraction(t, cases) for t in phantom_data.tasks_of("PhantomLesions")}
+    assert 0 < fraction["liver tumor"] < fraction["liver"]
 
 
 def test_samples_are_reproducible_per_epoch_and_index(phantom_data):
