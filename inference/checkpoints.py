@@ -104,10 +104,19 @@ def load_network_weights(network: PromptSegNet, path: str | Path) -> dict[str, t
     network.input_offset = float(_hparams(checkpoint).get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
     for pathway, kept in zip(network.pathways, checkpoint.get("kept_paths", [])):
         pathway.keep_only(set(kept))
-    state = network_state(checkpoint)
+    state = _fit_deep_heads(network, network_state(checkpoint))
     check_state(network, state, path)
     network.load_state_dict(state)
     return dict(checkpoint.get("prompt_embeddings", {}))
+
+
+def _fit_deep_heads(network: PromptSegNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Deep-supervision heads are training aids, not part of the segmenting network: a checkpoint's
+    are dropped where the network has none, and the network keeps its own where the checkpoint has
+    none (few-shot fine-tuning may supervise deep levels that joint training did not)."""
+    own = {k: v for k, v in network.state_dict().items() if k.startswith("deep_heads.")}
+    state = {k: v for k, v in state.items() if not k.startswith("deep_heads.") or k in own}
+    return state | {k: v for k, v in own.items() if k not in state}
 
 
 def load_reference(path: str | Path, checkpoint: dict) -> LoadedModel:

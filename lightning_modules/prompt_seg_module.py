@@ -73,6 +73,9 @@ class PromptSegModule(VolumeValidation):
             loss with this exponent (see ``lightning_modules/losses.py``).
         ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
             TopK loss uses 0.1), which keeps small structures from collapsing to background.
+        deep_supervision: the 1/2, 1/4, ... decoder levels also segment each prompt through a head
+            of their own (``networks/prompt_seg_net.py``), their losses weighted 1/2, 1/4, ... of the
+            final one (nnU-Net's deep supervision; 0: none, the paper).
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -115,6 +118,7 @@ class PromptSegModule(VolumeValidation):
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
+        deep_supervision: int = 0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -145,7 +149,8 @@ class PromptSegModule(VolumeValidation):
             level_conditioning,
             head_hidden,
             input_offset,
-            channels_last,
+            deep_supervision=deep_supervision,
+            channels_last=channels_last,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
         self.phase = 1
@@ -250,6 +255,8 @@ class PromptSegModule(VolumeValidation):
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
         losses = self.supervised_losses(output.logits, batch)
         loss = losses.pop("loss")
+        if output.deep_logits:
+            loss = losses["deep_supervised"] = self.deep_supervised_loss(loss, output.deep_logits, batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]))
         if self.phase == 1 and self.hparams.balance_weight > 0 and self.hparams.num_paths > 1:

@@ -89,10 +89,7 @@ class ReferenceModule(VolumeValidation):
         losses = self.supervised_losses(output.logits, batch)
         loss = losses["loss"]
         if output.deep_logits:
-            weights = [0.5**level for level in range(len(output.deep_logits) + 1)]
-            deep = [self.supervised_losses(logits, batch)["loss"] for logits in output.deep_logits]
-            loss = sum(w * term for w, term in zip(weights, [loss, *deep])) / sum(weights)
-            losses["deep_supervised"] = loss
+            loss = losses["deep_supervised"] = self.deep_supervised_loss(loss, output.deep_logits, batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]), prog_bar=name == "loss")
         return loss

@@ -71,6 +71,13 @@ class VolumeValidation(L.LightningModule):
             hparams.ce_top_fraction,
         )
 
+    def deep_supervised_loss(self, loss: torch.Tensor, deep_logits: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        """The final level's ``loss`` and each coarser level's, weighted 1, 1/2, 1/4, ... and normalised
+        (nnU-Net's deep supervision; ``deep_logits`` finest first, at full size)."""
+        weights = [0.5**level for level in range(len(deep_logits) + 1)]
+        deep = [self.supervised_losses(logits, batch)["loss"] for logits in deep_logits]
+        return sum(w * term for w, term in zip(weights, [loss, *deep])) / sum(weights)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip an update whose gradients are not all finite: bf16 training has no loss scaler to
         do it, and one NaN reaching AdamW would make every weight NaN. The gradients are dropped

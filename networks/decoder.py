@@ -92,8 +92,10 @@ class RoutedDecoder(nn.Module):
         weights: list[torch.Tensor],
         image_index: torch.Tensor,
         conditioning: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        levels: int = 1,
+    ) -> list[torch.Tensor]:
         """Decode per (image, prompt) pair; pairs that share a route prefix share its computation.
+        Returns the features (N, c, ...) of the finest ``levels`` levels, finest first.
 
         At each level the pairs are grouped by (image, sub-pathways chosen so far) and every group
         is decoded once. Without level conditioning two pairs of one image on the same prefix have
@@ -115,6 +117,7 @@ class RoutedDecoder(nn.Module):
             keys.append(torch.unique(conditioning, dim=0, return_inverse=True)[1])
         x = self.bottleneck(skips[0])  # one row per image
         group = image_index  # each pair's row of x
+        decoded = []
         for level, (up, skip_block, pathway) in enumerate(zip(self.ups, self.skips, self.pathways)):
             keys.append(weights[level].argmax(dim=-1))
             parent, group, first, membership = _prefix_groups(torch.stack(keys, dim=1), group)
@@ -122,7 +125,9 @@ class RoutedDecoder(nn.Module):
             x = pathway(features, _group_mean(weights[level], membership))
             if self.modulation is not None:
                 x = self.modulation(level, x, conditioning[first])
-        return x[group]
+            if level >= self.num_levels - levels:
+                decoded.append(x[group])
+        return decoded[::-1]
 
 
 def _prefix_groups(

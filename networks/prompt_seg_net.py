@@ -61,6 +61,9 @@ class PromptSegNet(nn.Module):
             window maps -900..900 HU to 0..1, putting soft tissue near 0.52, where bfloat16 resolves
             only about 3.5 HU; centred near 0 it resolves 0.1 HU, so soft-tissue contrast survives
             mixed-precision training. 0 is the uncentred input of checkpoints made before it.
+        deep_supervision: coarser decoder levels (1/2, 1/4, ...) with a prompt-conditioned head of
+            their own whose logits, upsampled to full size, training also supervises (nnU-Net's deep
+            supervision; 0: none, the paper). The heads run in training only.
         channels_last: keep the convolution weights in channels-last 3D memory format, so every
             convolution runs (and returns) channels-last: the same network and values, but
             oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster
@@ -81,11 +84,14 @@ class PromptSegNet(nn.Module):
         level_conditioning: bool = False,
         head_hidden: int = 0,
         input_offset: float = 0.5,
+        deep_supervision: int = 0,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
         if head_hidden < 0 or (head_hidden and not prompt_head):
             raise ValueError(f"head_hidden must be 0, or positive with prompt_head, got {head_hidden}")
+        if not 0 <= deep_supervision < len(decoder_channels) - 1:
+            raise ValueError(f"deep_supervision must lie in 0..{len(decoder_channels) - 2}, got {deep_supervision}")
         self.embedding_dim = embedding_dim
         self.input_offset = input_offset
         self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
@@ -101,10 +107,16 @@ class PromptSegNet(nn.Module):
             router_hidden_dim,
             conditioning_dim if level_conditioning else None,
         )
-        if prompt_head:
-            self.head = PromptConditionedHead(decoder_channels[-1], conditioning_dim, head_hidden)
-        else:
-            self.head = PlainHead(decoder_channels[-1], conditioning_dim)
+
+        def head(channels: int, hidden: int = 0) -> nn.Module:
+            if prompt_head:
+                return PromptConditionedHead(channels, conditioning_dim, hidden)
+            return PlainHead(channels, conditioning_dim)
+
+        self.head = head(decoder_channels[-1], head_hidden)
+        self.deep_heads = nn.ModuleList(
+            head(c) for c in decoder_channels[-2 : -2 - deep_supervision : -1]
+        )  # 1/2, 1/4..
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
 
@@ -150,9 +162,15 @@ class PromptSegNet(nn.Module):
         skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]
         router_logits, weights = self.decoder.route_weights(prompt_embedding)
         conditioning = self.projection(prompt_embedding) if self.projection is not None else prompt_embedding
-        features = self.decoder(skips, weights, image_index, conditioning)
-        logits = self.head(features, conditioning)
-        return NetworkOutput(logits[(..., *(slice(0, s) for s in size))], router_logits)
+        deep_heads = list(self.deep_heads) if self.training else []
+        features = self.decoder(skips, weights, image_index, conditioning, levels=1 + len(deep_heads))
+        crop = (..., *(slice(0, s) for s in size))
+        logits = self.head(features[0], conditioning)
+        deep_logits = [
+            F.interpolate(head(level, conditioning), size=logits.shape[2:], mode="trilinear")[crop]
+            for head, level in zip(deep_heads, features[1:])
+        ]
+        return NetworkOutput(logits[crop], router_logits, deep_logits)
 
     def trimmed(self, prompt_embedding: torch.Tensor) -> PromptSegNet:
         """A standalone copy holding only the sub-pathways on the routes of these prompts."""

@@ -95,7 +95,7 @@ def test_route_prefix_sharing_equals_decoding_each_pair_alone():
     routes = [[1, 2, 0, 1, 2], [1, 2, 0, 1, 2], [1, 2, 2, 0, 1], [1, 2, 0, 1, 2]]
     skips, weights, image_index = _decoder_inputs(net, routes, [0, 0, 0, 1])
     probe = torch.randn(4, 8, 64, 32, 32, dtype=torch.float64)  # a loss that differs per pair
-    shared = net.decoder(skips, weights, image_index)
+    shared = net.decoder(skips, weights, image_index)[0]
     (shared * probe).sum().backward()
     shared_grads = {n: p.grad.clone() for n, p in net.decoder.named_parameters() if p.grad is not None}
     shared_weight_grads = [w.grad.clone() for w in weights]
@@ -103,7 +103,7 @@ def test_route_prefix_sharing_equals_decoding_each_pair_alone():
     alone, alone_weight_grads = [], [torch.zeros_like(w) for w in weights]
     for pair in range(4):
         single = [w.detach()[pair : pair + 1].requires_grad_() for w in weights]
-        output = net.decoder(skips, single, image_index[pair : pair + 1])
+        output = net.decoder(skips, single, image_index[pair : pair + 1])[0]
         (output * probe[pair : pair + 1]).sum().backward()
         alone.append(output.detach())
         for level, w in enumerate(single):
@@ -342,3 +342,46 @@ def test_reference_deep_supervision_adds_full_size_coarse_outputs_in_training_on
     assert not torch.allclose(trained.deep_logits[0], trained.logits)
     inferred = network.eval()(image, rows, index)
     assert inferred.deep_logits == [] and torch.allclose(inferred.logits, trained.logits, atol=1e-5)
+
+
+def test_deep_supervision_heads_read_their_own_decoder_levels_in_training_only():
+    """Two heads (1/2 and 1/4): full-size logits per pair in training, none at inference; a loss on
+    the 1/4 head's logits reaches the sub-pathways up to the 1/4 level and not the finer ones."""
+    net = tiny(deep_supervision=2).train()
+    net.set_routing_schedule(temperature=1.0, noise_scale=0.0)  # training takes the inference routes
+    image, prompts, index = torch.rand(1, 1, 40, 64, 64), torch.randn(2, EMBED), torch.tensor([0, 0])
+    trained = net(image, prompts, index)
+    assert [tuple(d.shape) for d in trained.deep_logits] == [(2, 1, 40, 64, 64)] * 2
+    assert not torch.allclose(trained.deep_logits[0][0], trained.deep_logits[0][1])  # conditioned on the prompt
+    trained.deep_logits[1].sum().backward()
+    moved = [
+        any(p.grad is not None and p.grad.abs().sum() > 0 for p in pathway.parameters()) for pathway in net.pathways
+    ]
+    assert moved == [True, True, True, False, False]
+    assert net.head.generator.weight.grad is None and net.deep_heads[0].generator.weight.grad is None
+    assert net.deep_heads[1].generator.weight.grad.abs().sum() > 0
+    inferred = net.eval()(image, prompts, index)
+    assert inferred.deep_logits == [] and torch.allclose(inferred.logits, trained.logits, atol=1e-5)
+    with pytest.raises(ValueError, match="deep_supervision"):
+        tiny(deep_supervision=5)
+
+
+def test_deep_supervision_heads_are_left_out_at_inference_and_added_for_fine_tuning(tmp_path):
+    from inference.checkpoints import load_network_weights
+
+    def save(network: PromptSegNet, name: str):
+        state = {f"network.{k}": v for k, v in network.state_dict().items()}
+        torch.save({"state_dict": state, "hyper_parameters": {"input_offset": 0.5}}, tmp_path / name)
+        return tmp_path / name
+
+    trained = tiny(deep_supervision=2)
+    plain = tiny()
+    torch.manual_seed(1)
+    plain.head.generator.bias.data.normal_()  # differs from the trained head before loading
+    load_network_weights(plain, save(trained, "deep.ckpt"))
+    assert torch.equal(plain.head.generator.bias, trained.head.generator.bias)
+    assert not any(k.startswith("deep_heads.") for k in plain.state_dict())
+    fine_tuned = tiny(deep_supervision=1)
+    own_head = fine_tuned.deep_heads[0].generator.weight.clone()
+    load_network_weights(fine_tuned, save(tiny(), "plain.ckpt"))
+    assert torch.equal(fine_tuned.deep_heads[0].generator.weight, own_head)

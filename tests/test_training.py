@@ -599,6 +599,26 @@ def test_every_registry_and_case_problem_is_one_error_line_before_any_output(pha
     assert not (tmp_path / "out").exists() and versions() == before
 
 
+def test_deep_supervision_weights_each_coarser_level_half_the_one_before():
+    torch.manual_seed(0)
+    model = module(deep_supervision=2, balance_weight=0.0)
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    model.prompt_embeddings = {"liver": torch.randn(384), "aorta": torch.randn(384)}
+    model.network.train().set_routing_schedule(temperature=1.0, noise_scale=0.0)
+    batch = {
+        "image": torch.rand(1, 1, 64, 64, 64),
+        "prompts": ["liver", "aorta"],
+        "image_index": torch.tensor([0, 0]),
+        "masks": (torch.rand(2, 1, 64, 64, 64) > 0.9).float(),
+        "tubular": torch.tensor([False, True]),
+    }
+    output = model.network(batch["image"], model.embed(batch["prompts"]), batch["image_index"])
+    final, half, quarter = (model.supervised_losses(x, batch)["loss"] for x in [output.logits, *output.deep_logits])
+    assert not torch.allclose(final, half)
+    expected = (final + 0.5 * half + 0.25 * quarter) / 1.75
+    assert torch.allclose(model.training_step(batch, 0), expected, rtol=1e-5)
+
+
 def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
     from lightning_modules.reference import ReferenceModule
 
