@@ -12,6 +12,7 @@ def dice_bce_loss(
     smooth: float = 1.0,
     focal_gamma: float = 0.0,
     ce_top_fraction: float = 1.0,
+    ce_balanced: bool = False,
 ) -> torch.Tensor:
     """Soft Dice over the pairs whose target holds the structure, plus the voxel-mean binary
     cross-entropy over every pair.
@@ -29,9 +30,18 @@ def dice_bce_loss(
     ``ce_top_fraction`` of voxels (the "TopK" loss nnU-Net offers beside Dice + CE): a structure
     of 150 voxels in a 64^3 patch whose prompt has collapsed to "nothing here" keeps its voxels
     among the hardest, and their pull grows by ``1 / ce_top_fraction`` against the easy background.
+
+    With ``ce_balanced`` the cross-entropy of a pair whose target holds the structure is the mean of
+    its foreground voxels' mean and its background voxels' mean (class-balanced cross-entropy, as
+    HED weighs its thin edges): the structure's voxels carry half the pair's term however few they
+    are. Their gradient, ``p - 1`` per logit, does not vanish where the sigmoid saturates near 0, so a
+    prompt that has collapsed to "nothing here" is still pulled up inside its structure, which the
+    Dice term (whose gradient carries the sigmoid's slope) cannot do. Empty pairs keep the plain mean.
     """
     if not 0.0 < ce_top_fraction <= 1.0:
         raise ValueError(f"ce_top_fraction must lie in (0, 1], got {ce_top_fraction}")
+    if ce_balanced and (focal_gamma > 0 or ce_top_fraction < 1.0):
+        raise ValueError("ce_balanced replaces the voxel mean: use it without focal_gamma or ce_top_fraction")
     probability = torch.sigmoid(logits)
     dims = tuple(range(1, logits.dim()))
     present = target.sum(dims) > 0
@@ -39,7 +49,9 @@ def dice_bce_loss(
     if focal_gamma > 0:
         p_true = probability * target + (1 - probability) * (1 - target)
         cross_entropy = (1 - p_true).pow(focal_gamma) * cross_entropy
-    cross_entropy = hardest_mean(cross_entropy, ce_top_fraction)
+    cross_entropy = (
+        balanced_mean(cross_entropy, target) if ce_balanced else hardest_mean(cross_entropy, ce_top_fraction)
+    )
     if not present.any():
         return cross_entropy
     p, g = probability[present], target[present]
@@ -54,6 +66,16 @@ def hardest_mean(voxel_losses: torch.Tensor, fraction: float) -> torch.Tensor:
     flat = voxel_losses.flatten(1)
     k = max(1, int(round(fraction * flat.shape[1])))
     return flat.topk(k, dim=1, sorted=False).values.mean()
+
+
+def balanced_mean(voxel_losses: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of: the mean of the foreground voxels' and the background voxels' mean losses
+    where the target holds both classes, the plain voxel mean where it holds one."""
+    dims = tuple(range(1, target.dim()))
+    foreground, voxels = target.sum(dims, keepdim=True), target[0].numel()
+    both = (foreground > 0) & (foreground < voxels)
+    balanced = target * 0.5 / foreground.clamp(min=1) + (1 - target) * 0.5 / (voxels - foreground).clamp(min=1)
+    return (voxel_losses * torch.where(both, balanced, 1.0 / voxels)).sum(dims).mean()
 
 
 def _soft_erode(x: torch.Tensor) -> torch.Tensor:
@@ -97,13 +119,19 @@ def segmentation_loss(
     cldice_weight: float,
     focal_gamma: float = 0.0,
     ce_top_fraction: float = 1.0,
+    ce_balanced: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Dice + BCE (focal with ``focal_gamma`` > 0, over the hardest ``ce_top_fraction`` of voxels)
-    on every pair, plus ``cldice_weight`` times soft clDice on the tubular pairs.
+    """Dice + BCE (focal with ``focal_gamma`` > 0, over the hardest ``ce_top_fraction`` of voxels,
+    class-balanced with ``ce_balanced``) on every pair, plus ``cldice_weight`` times soft clDice on
+    the tubular pairs.
 
     Returns the terms (``dice_bce``, ``soft_cldice`` when any pair is tubular) and their sum ``loss``.
     """
-    terms = {"dice_bce": dice_bce_loss(logits, masks, focal_gamma=focal_gamma, ce_top_fraction=ce_top_fraction)}
+    terms = {
+        "dice_bce": dice_bce_loss(
+            logits, masks, focal_gamma=focal_gamma, ce_top_fraction=ce_top_fraction, ce_balanced=ce_balanced
+        )
+    }
     loss = terms["dice_bce"]
     if cldice_weight > 0 and tubular.any():
         terms["soft_cldice"] = soft_cl_dice_loss(logits[tubular], masks[tubular])

@@ -73,6 +73,8 @@ class PromptSegModule(VolumeValidation):
             loss with this exponent (see ``lightning_modules/losses.py``).
         ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
             TopK loss uses 0.1), which keeps small structures from collapsing to background.
+        ce_balanced: class-balanced cross-entropy (foreground and background voxels of a pair each
+            carry half its term; see ``lightning_modules/losses.py``); off is the voxel mean.
         deep_supervision: the 1/2, 1/4, ... decoder levels also segment each prompt through a head
             of their own (``networks/prompt_seg_net.py``), their losses weighted 1/2, 1/4, ... of the
             final one (nnU-Net's deep supervision; 0: none, the paper).
@@ -118,6 +120,7 @@ class PromptSegModule(VolumeValidation):
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
+        ce_balanced: bool = False,
         deep_supervision: int = 0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,

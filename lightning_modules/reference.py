@@ -27,6 +27,8 @@ class ReferenceModule(VolumeValidation):
             loss with this exponent (see ``lightning_modules/losses.py``).
         ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
             TopK loss uses 0.1), which keeps small structures from collapsing to background.
+        ce_balanced: class-balanced cross-entropy (foreground and background voxels of a pair each
+            carry half its term; see ``lightning_modules/losses.py``); off is the voxel mean.
         deep_supervision: coarser decoder levels supervised too (nnU-Net: all but the two
             coarsest), each level's loss weighted half the one above it; 0: the final output only.
         sw_roi: sliding-window edge (voxels) for validation.
@@ -46,6 +48,7 @@ class ReferenceModule(VolumeValidation):
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
+        ce_balanced: bool = False,
         deep_supervision: int = 0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,

@@ -7,6 +7,7 @@ from collections import defaultdict
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from inference.preview import label_map
 from inference.sliding_window import predict_volume
@@ -60,7 +61,7 @@ class VolumeValidation(L.LightningModule):
 
     def supervised_losses(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The training loss terms and their sum ``loss`` (``losses.segmentation_loss``) with this
-        module's ``cldice_weight``, ``focal_gamma`` and ``ce_top_fraction``."""
+        module's ``cldice_weight``, ``focal_gamma``, ``ce_top_fraction`` and ``ce_balanced``."""
         hparams = self.hparams
         return segmentation_loss(
             logits.float(),  # sums over a patch's voxels in float32 also under bf16 autocast
@@ -69,13 +70,20 @@ class VolumeValidation(L.LightningModule):
             hparams.cldice_weight,
             hparams.focal_gamma,
             hparams.ce_top_fraction,
+            hparams.ce_balanced,
         )
 
     def deep_supervised_loss(self, loss: torch.Tensor, deep_logits: list[torch.Tensor], batch: dict) -> torch.Tensor:
         """The final level's ``loss`` and each coarser level's, weighted 1, 1/2, 1/4, ... and normalised
-        (nnU-Net's deep supervision; ``deep_logits`` finest first, at full size)."""
+        (nnU-Net's deep supervision; ``deep_logits`` finest first). Logits coarser than the masks are
+        scored against the masks averaged down to their size (each voxel's foreground fraction)."""
         weights = [0.5**level for level in range(len(deep_logits) + 1)]
-        deep = [self.supervised_losses(logits, batch)["loss"] for logits in deep_logits]
+        deep = []
+        for logits in deep_logits:
+            masks = batch["masks"]
+            if masks.shape[2:] != logits.shape[2:]:
+                masks = F.adaptive_avg_pool3d(masks.float(), logits.shape[2:])
+            deep.append(self.supervised_losses(logits, batch | {"masks": masks})["loss"])
         return sum(w * term for w, term in zip(weights, [loss, *deep])) / sum(weights)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

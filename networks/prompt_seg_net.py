@@ -22,7 +22,8 @@ MIN_SIZE = 64  # instance norm needs more than one voxel in the 1/32 map
 @dataclass
 class NetworkOutput:
     """Logits (N, 1, D, H, W) for N (image, prompt) pairs, the router logits of each level, and in
-    training with deep supervision the coarser levels' logits (each at full size, finest first)."""
+    training with deep supervision the coarser levels' logits (finest first; at the level's own
+    resolution, or at full size where the network upsamples them, as MONAI's DynUNet does)."""
 
     logits: torch.Tensor
     router_logits: list[torch.Tensor]
@@ -62,8 +63,8 @@ class PromptSegNet(nn.Module):
             only about 3.5 HU; centred near 0 it resolves 0.1 HU, so soft-tissue contrast survives
             mixed-precision training. 0 is the uncentred input of checkpoints made before it.
         deep_supervision: coarser decoder levels (1/2, 1/4, ...) with a prompt-conditioned head of
-            their own whose logits, upsampled to full size, training also supervises (nnU-Net's deep
-            supervision; 0: none, the paper). The heads run in training only.
+            their own whose logits, at the level's resolution, training also supervises (nnU-Net's
+            deep supervision; 0: none, the paper). The heads run in training only.
         channels_last: keep the convolution weights in channels-last 3D memory format, so every
             convolution runs (and returns) channels-last: the same network and values, but
             oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster
@@ -164,13 +165,12 @@ class PromptSegNet(nn.Module):
         conditioning = self.projection(prompt_embedding) if self.projection is not None else prompt_embedding
         deep_heads = list(self.deep_heads) if self.training else []
         features = self.decoder(skips, weights, image_index, conditioning, levels=1 + len(deep_heads))
-        crop = (..., *(slice(0, s) for s in size))
         logits = self.head(features[0], conditioning)
         deep_logits = [
-            F.interpolate(head(level, conditioning), size=logits.shape[2:], mode="trilinear")[crop]
-            for head, level in zip(deep_heads, features[1:])
+            head(level, conditioning)[(..., *(slice(0, -(-s // 2**k)) for s in size))]
+            for k, (head, level) in enumerate(zip(deep_heads, features[1:]), start=1)
         ]
-        return NetworkOutput(logits[crop], router_logits, deep_logits)
+        return NetworkOutput(logits[(..., *(slice(0, s) for s in size))], router_logits, deep_logits)
 
     def trimmed(self, prompt_embedding: torch.Tensor) -> PromptSegNet:
         """A standalone copy holding only the sub-pathways on the routes of these prompts."""

@@ -121,3 +121,28 @@ def test_top_fraction_cross_entropy_averages_each_pairs_hardest_voxels_hand_comp
     assert dice_bce_loss(logits, target, ce_top_fraction=0.25).item() == pytest.approx(dice_term + missed, rel=1e-6)
     with pytest.raises(ValueError, match="ce_top_fraction"):
         dice_bce_loss(logits, target, ce_top_fraction=0.0)
+
+
+def test_balanced_cross_entropy_gives_a_pairs_foreground_half_its_term_hand_computed():
+    """Pair 0: 8 voxels at p = sigmoid(-2), two foreground; pair 1: the same logits, no foreground.
+    Balanced, pair 0's CE is (missed + kept) / 2 and pair 1's the plain mean. A foreground voxel's
+    CE gradient is (p - 1) * 0.5 / 2 voxels / 2 pairs, twice the plain (p - 1) / 16 voxels; a
+    background voxel's p * 0.5 / 6 / 2 (the Dice gradients are the same in both)."""
+    import math
+
+    logits = torch.full((2, 1, 2, 2, 2), -2.0, requires_grad=True)
+    target = torch.zeros_like(logits)
+    target[0, 0, 0, 0, :] = 1
+    p = 1 / (1 + math.exp(2.0))
+    dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
+    missed, kept = -math.log(p), -math.log(1 - p)
+    balanced = dice_bce_loss(logits, target, ce_balanced=True)
+    assert balanced.item() == pytest.approx(dice_term + ((missed + kept) / 2 + kept) / 2, rel=1e-6)
+    difference = (
+        torch.autograd.grad(balanced, logits)[0] - torch.autograd.grad(dice_bce_loss(logits, target), logits)[0]
+    )
+    assert difference[0, 0, 0, 0, 0].item() == pytest.approx((p - 1) / 8 - (p - 1) / 16, rel=1e-5)
+    assert difference[0, 0, 1, 1, 1].item() == pytest.approx(p / 24 - p / 16, rel=1e-5)
+    assert difference[1].abs().max().item() < 1e-9  # the empty pair keeps the plain mean
+    with pytest.raises(ValueError, match="ce_balanced"):
+        dice_bce_loss(logits, target, ce_balanced=True, focal_gamma=2.0)

@@ -345,13 +345,14 @@ def test_reference_deep_supervision_adds_full_size_coarse_outputs_in_training_on
 
 
 def test_deep_supervision_heads_read_their_own_decoder_levels_in_training_only():
-    """Two heads (1/2 and 1/4): full-size logits per pair in training, none at inference; a loss on
-    the 1/4 head's logits reaches the sub-pathways up to the 1/4 level and not the finer ones."""
+    """Two heads (1/2 and 1/4): logits per pair at their level's resolution (the input's 40 rows
+    padded to 64, cropped back to 20 and 10) in training, none at inference; a loss on the 1/4
+    head's logits reaches the sub-pathways up to the 1/4 level and not the finer ones."""
     net = tiny(deep_supervision=2).train()
     net.set_routing_schedule(temperature=1.0, noise_scale=0.0)  # training takes the inference routes
     image, prompts, index = torch.rand(1, 1, 40, 64, 64), torch.randn(2, EMBED), torch.tensor([0, 0])
     trained = net(image, prompts, index)
-    assert [tuple(d.shape) for d in trained.deep_logits] == [(2, 1, 40, 64, 64)] * 2
+    assert [tuple(d.shape) for d in trained.deep_logits] == [(2, 1, 20, 32, 32), (2, 1, 10, 16, 16)]
     assert not torch.allclose(trained.deep_logits[0][0], trained.deep_logits[0][1])  # conditioned on the prompt
     trained.deep_logits[1].sum().backward()
     moved = [

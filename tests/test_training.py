@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from callbacks import CosineWarmRestarts, PruningExport
@@ -613,7 +614,11 @@ def test_deep_supervision_weights_each_coarser_level_half_the_one_before():
         "tubular": torch.tensor([False, True]),
     }
     output = model.network(batch["image"], model.embed(batch["prompts"]), batch["image_index"])
-    final, half, quarter = (model.supervised_losses(x, batch)["loss"] for x in [output.logits, *output.deep_logits])
+    final = model.supervised_losses(output.logits, batch)["loss"]
+    half, quarter = (
+        model.supervised_losses(x, batch | {"masks": F.avg_pool3d(batch["masks"], k)})["loss"]
+        for x, k in zip(output.deep_logits, (2, 4))
+    )  # the masks averaged over 2^3 and 4^3 blocks: each coarse voxel's foreground fraction
     assert not torch.allclose(final, half)
     expected = (final + 0.5 * half + 0.25 * quarter) / 1.75
     assert torch.allclose(model.training_step(batch, 0), expected, rtol=1e-5)
