@@ -409,7 +409,7 @@ def box_plot(methods: dict[str, list[dict]]) -> bytes:
         for offset, rows in enumerate(methods.values()):
             data = [finite(r.get(metric, math.nan) for r in rows if r["task"] == t and is_present(r)) for t in tasks]
             positions = np.arange(len(tasks)) + offset * 0.35
-            boxes = ax.boxplot(data, positions=positions, widths=0.3, vert=False, patch_artist=True)
+            boxes = ax.boxplot(data, positions=positions, widths=0.3, orientation="horizontal", patch_artist=True)
             for box in boxes["boxes"]:
                 box.set_facecolor(colours[offset % len(colours)])
             handles.append(boxes["boxes"][0])
