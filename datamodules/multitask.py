@@ -198,8 +198,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         foreground_fraction: share of patches centred on the sampled task's structure.
         size_exponent: task sampling weight ``cases ** size_exponent`` (0 uniform, 1 proportional).
         rarity_exponent: task sampling weight also times ``fraction ** -rarity_exponent``, ``fraction``
-            the task's share of its training volumes' voxels: 0 ignores size; 0.25 samples a structure
-            of 1/10,000 of the volume 10x as often as one of a tenth (lesions and thin vessels seen in
+            the task's share of its training volumes' voxels: 0 ignores size; 0.5 samples a structure
+            of 1/10,000 of the volume 31.6x as often as one of a tenth (lesions and thin vessels seen in
             more patches; the organs still appear around them).
         validation_fraction: share of each data set's cases held out (at least one).
         split_file: JSON ``{dataset: {"train": [...], "val": [...]}}`` overriding the seeded split.
