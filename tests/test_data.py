@@ -330,6 +330,21 @@ def test_voxel_fraction_is_the_share_of_the_tasks_labels_in_the_training_volumes
     assert 0 < fraction["liver tumor"] < fraction["liver"]
 
 
+def test_rarity_exponent_samples_the_lesion_more_often_than_its_organ(phantom_data, monkeypatch):
+    uniform = TrainingPatches(phantom_data, phantom_data.train_cases)
+    monkeypatch.setattr(phantom_data, "rarity_exponent", 0.5)
+    rarity = TrainingPatches(phantom_data, phantom_data.train_cases)
+    cases = phantom_data.train_cases["PhantomLesions"]
+    index = {(t.dataset, t.prompt): i for i, t in enumerate(rarity.tasks)}
+    tumour, liver = index["PhantomLesions", "liver tumor"], index["PhantomLesions", "liver"]
+    assert uniform.probabilities[tumour] == pytest.approx(uniform.probabilities[liver])
+    ratio = (
+        phantom_data.voxel_fraction(rarity.tasks[liver], cases)
+        / phantom_data.voxel_fraction(rarity.tasks[tumour], cases)
+    ) ** 0.5
+    assert rarity.probabilities[tumour] / rarity.probabilities[liver] == pytest.approx(ratio)
+
+
 def test_samples_are_reproducible_per_epoch_and_index(phantom_data):
     dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
     a, b = dataset[1], dataset[1]
