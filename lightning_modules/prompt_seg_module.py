@@ -63,6 +63,10 @@ class PromptSegModule(VolumeValidation):
             router currently prefers, which short runs need (a route redrawn every step trains
             six times slower and cannot settle).
         balance_weight: weight of the load-balancing term against routing collapse.
+        shared_start_epochs: phase-1 epochs at the start in which every prompt takes candidate 0 at
+            every level (one decoder learns from every task, as the sole path does); at their end each
+            level's other candidates become copies of it and the routers choose again. 0 is the paper's
+            training.
         separation_weight: weight of the term that keeps two prompts of one image whose targets
             differ off one whole route (``networks/routing.py``), phase 1; 0 is the paper's loss.
         router_lr_scale: the routers' learning rate as a fraction of ``lr``. Below 1, routes change
@@ -115,6 +119,7 @@ class PromptSegModule(VolumeValidation):
         gumbel_noise_start: float = 1.0,
         gumbel_noise_end: float = 0.0,
         balance_weight: float = 0.01,
+        shared_start_epochs: int = 0,
         separation_weight: float = 0.0,
         router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
@@ -134,6 +139,10 @@ class PromptSegModule(VolumeValidation):
             raise ValueError("few-shot fine-tuning needs both model.init_checkpoint and model.finetune_prompt")
         if finetune_prompt is not None and not finetune_prompt.strip():
             raise ValueError("model.finetune_prompt is empty")
+        if not 0 <= shared_start_epochs <= joint_epochs:
+            raise ValueError(
+                f"model.shared_start_epochs={shared_start_epochs} must lie in 0..joint_epochs ({joint_epochs})"
+            )
         self._embedder: PromptEmbedder | None = None
         self.save_hyperparameters()  # before ``self.embedder``, which reads the text encoder settings
         if embedding_dim is None:
@@ -220,6 +229,9 @@ class PromptSegModule(VolumeValidation):
         epoch = self.current_epoch
         if self.datamodule is not None:
             self.datamodule.set_epoch(epoch)
+        if self.phase == 1 and epoch < self.hparams.shared_start_epochs:
+            for pathway in self.network.pathways:
+                pathway.shared_path = 0
         if self.phase == 1:
             progress = epoch / max(self.hparams.joint_epochs - 1, 1)
             start, end = self.hparams.temperature_start, self.hparams.temperature_end
@@ -231,7 +243,11 @@ class PromptSegModule(VolumeValidation):
 
     def on_train_epoch_end(self) -> None:
         """Switch to phase 2 after the last joint epoch, before the epoch's checkpoint is written
-        (so it records phase 2) and before the next epoch's learning-rate warm-up is applied."""
+        (so it records phase 2) and before the next epoch's learning-rate warm-up is applied. A
+        shared start ends the same way, so its checkpoint already holds the copied candidates."""
+        if self.phase == 1 and self.current_epoch + 1 == self.hparams.shared_start_epochs:
+            for pathway in self.network.pathways:
+                pathway.split_shared_path()
         if self.phase == 1 and self.current_epoch + 1 >= self.hparams.joint_epochs:
             self.enter_path_phase()
             self.trainer.strategy.setup_optimizers(self.trainer)

@@ -109,6 +109,7 @@ class AutomaticPathway(nn.Module):
         self.temperature = 1.0
         self.noise_scale = 1.0
         self.fixed_routes = False  # argmax routing in training too (phase 2, few-shot)
+        self.shared_path: int | None = None  # every sample takes this candidate (a shared start)
 
     @property
     def kept_paths(self) -> list[int]:
@@ -117,9 +118,22 @@ class AutomaticPathway(nn.Module):
     def choose(self, prompt_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits (N, M) and one-hot weights (N, M) for a batch of prompt embeddings."""
         logits = self.router(prompt_embedding)
+        if self.shared_path is not None:
+            return logits, F.one_hot(
+                torch.full_like(logits[:, 0], self.shared_path, dtype=torch.long), self.num_paths
+            ).to(logits.dtype)
         return logits, route_weights(
             logits, self.training and not self.fixed_routes, self.temperature, self.noise_scale
         )
+
+    def split_shared_path(self) -> None:
+        """End a shared start: every candidate becomes a copy of the shared one (in place, so an
+        optimiser keeps its parameters), then the router chooses again."""
+        shared = self.sub_pathways[str(self.shared_path)].state_dict()
+        for key, candidate in self.sub_pathways.items():
+            if key != str(self.shared_path):
+                candidate.load_state_dict(shared)
+        self.shared_path = None
 
     def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Run, for each sample, the sub-pathway its one-hot ``weights`` row selects."""

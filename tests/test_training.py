@@ -737,3 +737,40 @@ def test_the_first_epoch_after_a_resume_draws_its_own_samples_in_loader_workers(
     assert [e for e, _ in resumed] == [2, 2]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, straight[-2:]))
     assert not torch.equal(resumed[0][1], straight[2][1])  # epoch 1's first sample differs from epoch 2's
+
+
+def test_shared_start_trains_candidate_zero_then_copies_it_to_every_candidate(phantom_registry, tmp_path):
+    """Epoch 0 of a one-epoch shared start trains only candidate 0 at each level; its checkpoint
+    holds every candidate equal to it; resumed, the routers choose again and the copies diverge."""
+    L.seed_everything(0)
+    model = module(shared_start_epochs=1, joint_epochs=2, path_epochs=0, gumbel_noise_start=1.0, gumbel_noise_end=1.0)
+    initial = {k: v.clone() for k, v in model.network.state_dict().items()}
+    data = data_module(phantom_registry, tmp_path / "cache", samples_per_epoch=3)
+    trainer(tmp_path, 1).fit(model, data)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for level, pathway in enumerate(model.network.pathways):
+        prefix = f"network.decoder.pathways.{level}.sub_pathways."
+        shared = {k[len(prefix) + 2 :]: v for k, v in state.items() if k.startswith(prefix + "0.")}
+        assert any(
+            not torch.equal(v, initial[f"decoder.pathways.{level}.sub_pathways.0.{k}"]) for k, v in shared.items()
+        )
+        for path in range(1, pathway.num_paths):
+            copy = {k[len(prefix) + 2 :]: v for k, v in state.items() if k.startswith(f"{prefix}{path}.")}
+            assert copy.keys() == shared.keys() and all(torch.equal(copy[k], shared[k]) for k in shared)
+        assert pathway.shared_path is None
+    resumed = module(shared_start_epochs=1, joint_epochs=2, path_epochs=0, gumbel_noise_start=1.0, gumbel_noise_end=1.0)
+    trainer(tmp_path, 2).fit(resumed, data, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    after = resumed.network.state_dict()
+    moved = [
+        k
+        for k, v in after.items()
+        if ".sub_pathways." in k
+        and ".sub_pathways.0." not in k
+        and not torch.equal(v, state[f"network.{k}"].to(v.dtype))
+    ]
+    assert moved, "after the shared start no candidate but 0 was trained: the routers did not choose again"
+
+
+def test_shared_start_longer_than_the_joint_phase_is_refused():
+    with pytest.raises(ValueError, match="shared_start_epochs=3 must lie in 0..joint_epochs"):
+        module(shared_start_epochs=3, joint_epochs=2)
