@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,10 @@ class TrainingPatches(Dataset):
         self.cases = cases
         self.tasks = [t for t in module.tasks if cases.get(t.dataset)]
         sizes = [len(cases[t.dataset]) for t in self.tasks]
-        fractions = [module.voxel_fraction(t, cases[t.dataset]) for t in self.tasks] if module.rarity_exponent else None
+        fractions = None
+        if module.rarity_exponent:
+            shares = {dataset: module.label_shares(dataset_cases) for dataset, dataset_cases in cases.items()}
+            fractions = [sum(shares[t.dataset].get(v, 0.0) for v in t.label_values) for t in self.tasks]
         self.probabilities = task_probabilities(sizes, module.size_exponent, fractions, module.rarity_exponent)
         self.epoch = 0
         self.augment = module.augmentation.transform() if module.augment else None
@@ -372,15 +376,17 @@ class MultiTaskDataModule(L.LightningDataModule):
     def volume(self, case: Case, spacing: float) -> PreparedVolume:
         return self.cache.load(case, spacing, self._labels_of(case.dataset))
 
-    def voxel_fraction(self, task: Task, cases: list[Case]) -> float:
-        """The task's share of the voxels of ``cases`` at their closest spacing (from the cache's
-        counts: no label map is read when the volumes are cached)."""
-        held, total = 0, 0
+    def label_shares(self, cases: list[Case]) -> dict[int, float]:
+        """Each label value's share of the voxels of ``cases`` at their closest spacing (from the
+        cache's counts: no label map is read when the volumes are cached)."""
+        held: dict[int, int] = defaultdict(int)
+        total = 0
         for case in cases:
             volume = self.volume(case, self.preprocessing.closest_spacing(self.case_spacing(case)))
-            held += sum(volume.counts.get(v, 0) for v in task.label_values)
+            for value, count in volume.counts.items():
+                held[value] += count
             total += volume.labels.numel()
-        return held / max(total, 1)
+        return {value: count / max(total, 1) for value, count in held.items()}
 
     def _split(self) -> None:
         fixed = _read_split(self.split_file) if self.split_file else {}

@@ -317,16 +317,21 @@ def test_each_image_is_supervised_only_on_the_tasks_its_data_set_labels(phantom_
     assert seen_nested
 
 
-def test_voxel_fraction_is_the_share_of_the_tasks_labels_in_the_training_volumes(phantom_data):
+def test_label_shares_give_each_tasks_share_of_the_training_volumes(phantom_data):
     cases = phantom_data.train_cases["PhantomLesions"]
+    shares = phantom_data.label_shares(cases)
+
+    def voxel_fraction(task):
+        return sum(shares.get(v, 0.0) for v in task.label_values)
+
     for task in phantom_data.tasks_of("PhantomLesions"):
         held, total = 0, 0
         for case in cases:
             labels = phantom_data.volume(case, 3.0).labels
             held += int(torch.isin(labels, torch.tensor(task.label_values)).sum())
             total += labels.numel()
-        assert phantom_data.voxel_fraction(task, cases) == pytest.approx(held / total)
-    fraction = {t.prompt: phantom_data.voxel_fraction(t, cases) for t in phantom_data.tasks_of("PhantomLesions")}
+        assert voxel_fraction(task) == pytest.approx(held / total)
+    fraction = {t.prompt: voxel_fraction(t) for t in phantom_data.tasks_of("PhantomLesions")}
     assert 0 < fraction["liver tumor"] < fraction["liver"]
 
 
@@ -338,10 +343,9 @@ def test_rarity_exponent_samples_the_lesion_more_often_than_its_organ(phantom_da
     index = {(t.dataset, t.prompt): i for i, t in enumerate(rarity.tasks)}
     tumour, liver = index["PhantomLesions", "liver tumor"], index["PhantomLesions", "liver"]
     assert uniform.probabilities[tumour] == pytest.approx(uniform.probabilities[liver])
-    ratio = (
-        phantom_data.voxel_fraction(rarity.tasks[liver], cases)
-        / phantom_data.voxel_fraction(rarity.tasks[tumour], cases)
-    ) ** 0.5
+    shares = phantom_data.label_shares(cases)
+    share = {i: sum(shares.get(v, 0.0) for v in rarity.tasks[i].label_values) for i in (liver, tumour)}
+    ratio = (share[liver] / share[tumour]) ** 0.5
     assert rarity.probabilities[tumour] / rarity.probabilities[liver] == pytest.approx(ratio)
 
 
