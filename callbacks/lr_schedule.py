@@ -23,8 +23,11 @@ class CosineWarmRestarts(L.Callback):
 
     ``lr`` is the module's ``hparams.lr``; ``lr_scale`` an optional entry of the group (default 1).
 
-    The schedule starts again (warm-up included) when phase 2 begins, since the optimiser is
-    rebuilt there.
+    The schedule counts epochs (or steps) from the start of training through both phases: phase 2
+    runs on along it although its optimiser is rebuilt, so a run whose last cycle ends with training
+    trains its final weights at a low lr. (Until 2026-11-30 phase 2 restarted the schedule: the
+    quickstart then ran its last 54 steps at the peak lr and ended there; README, "Phase 2 at the
+    peak learning rate".)
 
     Args:
         warmup: warm-up length (paper: 50 epochs).
@@ -49,18 +52,11 @@ class CosineWarmRestarts(L.Callback):
         self.warmup, self.period, self.period_mult = warmup, period, period_mult
         self.min_factor, self.interval = min_factor, interval
 
-    def _time(self, trainer: L.Trainer, module: L.LightningModule) -> float:
-        joint = module.hparams.get("joint_epochs", 0)
-        in_phase_2 = getattr(module, "phase", 1) == 2
-        if self.interval == "epoch":
-            return trainer.current_epoch - (joint if in_phase_2 else 0)
-        steps_per_epoch = max(trainer.num_training_batches, 1)
-        return trainer.global_step - (joint * steps_per_epoch if in_phase_2 else 0)
+    def _time(self, trainer: L.Trainer) -> float:
+        return trainer.current_epoch if self.interval == "epoch" else trainer.global_step
 
     def _apply(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        factor = warm_restart_factor(
-            self._time(trainer, module), self.warmup, self.period, self.period_mult, self.min_factor
-        )
+        factor = warm_restart_factor(self._time(trainer), self.warmup, self.period, self.period_mult, self.min_factor)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = module.hparams.lr * group.get("lr_scale", 1.0) * factor

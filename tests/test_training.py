@@ -72,6 +72,38 @@ def test_warm_restart_schedule_values():
     assert warm_restart_factor(6, 2, 4, 1.0, 0.0) == pytest.approx(1.0)  # restarted
 
 
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["configs/quickstart.yaml"],
+        ["configs/quickstart.yaml", "configs/phantoms_long.yaml"],
+        ["configs/quickstart.yaml", "configs/reference.yaml"],
+        [
+            "configs/quickstart.yaml",
+            "configs/phantoms_long.yaml",
+            "configs/reference.yaml",
+            "configs/reference_long.yaml",
+        ],
+        ["configs/paper.yaml"],
+    ],
+)
+def test_every_shipped_schedule_ends_annealed(configs):
+    """The last epoch trains at most at 5 % of the peak lr: a cycle that restarts shortly before the end
+    would leave the final weights from the noisiest steps of the run."""
+    trainer_config, schedule = {}, {}
+    for config in configs:
+        loaded = yaml.safe_load(Path(config).read_text())["trainer"]
+        trainer_config.update(loaded)
+        for callback in loaded.get("callbacks", []):
+            if callback["class_path"].endswith("CosineWarmRestarts"):
+                schedule = callback["init_args"]
+    lr = CosineWarmRestarts(**schedule)
+    assert lr.interval == "epoch"
+    last = trainer_config["max_epochs"] - 1
+    factor = warm_restart_factor(last, lr.warmup, lr.period, lr.period_mult, lr.min_factor)
+    assert factor <= 0.05, (configs, factor)
+
+
 @pytest.fixture(scope="module")
 def trained(phantom_registry, tmp_path_factory) -> tuple[Path, PromptSegModule]:
     root = tmp_path_factory.mktemp("run")
@@ -255,10 +287,12 @@ def test_resume_mid_phase_two_continues_like_the_uninterrupted_run(phantom_regis
     assert resumed.phase == 2 and trainable(resumed) == trainable(straight)
     for (name, a), (_, b) in zip(straight.network.state_dict().items(), resumed.network.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
-    # Phase 2 restarts the schedule: its first epoch runs at the warm-up value, not the full lr.
-    warmup_factor = warm_restart_factor(0, 1, 2, 1.0, 0.0)
+    # Phase 2 runs on along the schedule (warm-up 1, period 2): its first epoch sits half-way down
+    # the first cycle (factor 0.505), where a restarted schedule would give the full lr.
     assert [(e, phase) for e, phase, _ in rates.seen] == [(0, 1), (1, 1), (2, 2), (3, 2)]
-    assert rates.seen[2][2] == pytest.approx(1e-3 * warmup_factor) and rates.seen[2][2] == rates.seen[0][2]
+    expected = [1e-3 * warm_restart_factor(e, 1, 2, 2.0, 0.01) for e in range(4)]  # trainer()'s schedule
+    assert [lr for _, _, lr in rates.seen] == pytest.approx(expected)
+    assert rates.seen[2][2] == pytest.approx(0.505e-3)
 
 
 @pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/paper.yaml"])
