@@ -3,7 +3,8 @@
 Before fitting, the data registry and every case are checked; all problems are printed together,
 one ``error:`` line each, and the run stops with exit code 2 before any log folder is made.
 bfloat16 on a CPU without native bfloat16 kernels (AVX512-BF16 or AMX) is warned about: it runs,
-many times slower than 32-bit.
+many times slower than 32-bit (about 20x a quickstart step on a 2-core AVX2 EPYC), so ``quickstart.sh``
+asks ``cpu_has_native_bf16`` and trains in 32-bit there.
 """
 
 import sys
@@ -20,6 +21,11 @@ from lightning_modules.prompt_seg_module import PromptSegModule  # noqa: F401  (
 from lightning_modules.validation import VolumeValidation
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), which oneDNN uses for bf16 convolutions."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class PromptSegCLI(LightningCLI):
     """LightningCLI that checks the data before ``fit`` makes any output."""
 
@@ -33,7 +39,7 @@ class PromptSegCLI(LightningCLI):
         if (
             isinstance(self.trainer.accelerator, CPUAccelerator)
             and str(self.trainer.precision).startswith("bf16")
-            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and not cpu_has_native_bf16()
         ):
             print(
                 f"warning: trainer.precision {self.trainer.precision} on a CPU without native bfloat16 "

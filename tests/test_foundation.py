@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -61,3 +62,15 @@ def test_sweep_command_renders_into_arguments_train_py_parses():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert yaml.safe_load(result.stdout)["model"]["init_args"]["lr"] == 3e-4
+
+
+def test_native_bf16_check_agrees_with_the_cpu_flags():
+    """quickstart.sh trains in bf16 only where the CPU has bfloat16 instructions (20x slower elsewhere)."""
+    from train import cpu_has_native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    line = re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else None
+    if line is None:
+        pytest.skip("needs the x86 CPU flags Linux reports in /proc/cpuinfo")
+    flags = set(line.group(1).split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
