@@ -10,7 +10,7 @@ python make_phantoms.py --output data/phantoms_test --preset small --cases 2 --f
 # The config trains in bf16-mixed: 3x faster a step than 32-true on a CPU with native bfloat16, 20x
 # slower on one without. Train in the precision this CPU runs fast; the recipe is otherwise the same.
 precision=$(python -c "import train; print('bf16-mixed' if train.cpu_has_native_bf16() else '32-true')")
-echo "quickstart: training in $precision (native bfloat16 on this CPU: $([ "$precision" = bf16-mixed ] && echo yes || echo no))"
+echo "quickstart: training in $precision on this CPU"
 python train.py fit --config configs/quickstart.yaml --trainer.precision "$precision"
 for dataset in Dataset001_PhantomAbdomen Dataset002_PhantomThorax Dataset003_PhantomLesions; do
   prompts=$(python -c "import sys; from datamodules.registry import load_registry as r; print('\n'.join(t.prompt for e in r('configs/data/phantoms_test.yaml') if e.path.name == sys.argv[1] for t in e.tasks))" "$dataset")
