@@ -29,7 +29,7 @@ NETWORK_ARGS = (
     "window_size",
 )
 # absent from older checkpoints: their values there
-OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0, "input_offset": 0.0}
+OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0, "input_offset": 0.0, "route_head": False}
 TEXT_ARGS = ("text_encoder", "text_encoder_weights", "clip_model", "prompt_template")
 
 
@@ -165,6 +165,7 @@ def load_model(path: str | Path) -> LoadedModel:
         args["level_conditioning"],
         args["head_hidden"],
         args["input_offset"],
+        route_head=args["route_head"],
     )
     embeddings = load_network_weights(network, path)
     return LoadedModel(

@@ -36,6 +36,8 @@ class PromptSegModule(VolumeValidation):
         level_conditioning: scale and shift each decoder level's features by the prompt (FiLM);
             off is the paper's routing-only decoder (see ``networks/conditioning.py``).
         head_hidden: hidden width of the prompt-generated head (0: a linear 1x1x1 read-out).
+        route_head: generate the head from the prompt and its route together (off: the prompt
+            alone, the paper); see ``networks/prompt_seg_net.py``.
         input_offset: subtracted from the windowed image, centring soft tissue near 0 so that
             bfloat16 keeps its contrast (see ``networks/prompt_seg_net.py``).
         channels_last: convolution weights (and so activations) in channels-last 3D memory format:
@@ -99,6 +101,7 @@ class PromptSegModule(VolumeValidation):
         prompt_head: bool = True,
         level_conditioning: bool = False,
         head_hidden: int = 0,
+        route_head: bool = False,
         input_offset: float = 0.5,
         channels_last: bool = True,
         compile: bool = False,
@@ -163,6 +166,7 @@ class PromptSegModule(VolumeValidation):
             input_offset,
             deep_supervision=deep_supervision,
             channels_last=channels_last,
+            route_head=route_head,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
         self.phase = 1

@@ -65,6 +65,11 @@ class PromptSegNet(nn.Module):
         deep_supervision: coarser decoder levels (1/2, 1/4, ...) with a prompt-conditioned head of
             their own whose logits, at the level's resolution, training also supervises (nnU-Net's
             deep supervision; 0: none, the paper). The heads run in training only.
+        route_head: generate the head's weights from the prompt conditioning and the route (one
+            one-hot of M per level) together. Each route's decoder features form their own feature
+            space, but a head generated from the prompt alone reads them all alike, so two look-alike
+            prompts on different routes ("liver", "liver tumor") get nearly the same read-out of
+            unrelated features. The route part lets each sub-pathway add its own term to the read-out.
         channels_last: keep the convolution weights in channels-last 3D memory format, so every
             convolution runs (and returns) channels-last: the same network and values, but
             oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster
@@ -87,6 +92,7 @@ class PromptSegNet(nn.Module):
         input_offset: float = 0.5,
         deep_supervision: int = 0,
         channels_last: bool = True,
+        route_head: bool = False,
     ) -> None:
         super().__init__()
         if head_hidden < 0 or (head_hidden and not prompt_head):
@@ -109,12 +115,14 @@ class PromptSegNet(nn.Module):
             conditioning_dim if level_conditioning else None,
         )
 
-        def head(channels: int, hidden: int = 0) -> nn.Module:
+        def head(channels: int, hidden: int = 0, route_dim: int = 0) -> nn.Module:
             if prompt_head:
-                return PromptConditionedHead(channels, conditioning_dim, hidden)
+                return PromptConditionedHead(channels, conditioning_dim + route_dim, hidden)
             return PlainHead(channels, conditioning_dim)
 
-        self.head = head(decoder_channels[-1], head_hidden)
+        self.route_head = route_head
+        route_dim = len(self.decoder.pathways) * num_paths if route_head else 0
+        self.head = head(decoder_channels[-1], head_hidden, route_dim)
         self.deep_heads = nn.ModuleList(
             head(c) for c in decoder_channels[-2 : -2 - deep_supervision : -1]
         )  # 1/2, 1/4..
@@ -165,7 +173,10 @@ class PromptSegNet(nn.Module):
         conditioning = self.projection(prompt_embedding) if self.projection is not None else prompt_embedding
         deep_heads = list(self.deep_heads) if self.training else []
         features = self.decoder(skips, weights, image_index, conditioning, levels=1 + len(deep_heads))
-        logits = self.head(features[0], conditioning)
+        head_input = conditioning
+        if self.route_head:
+            head_input = torch.cat([conditioning, *(w.to(conditioning.dtype) for w in weights)], dim=1)
+        logits = self.head(features[0], head_input)
         deep_logits = [
             head(level, conditioning)[(..., *(slice(0, -(-s // 2**k)) for s in size))]
             for k, (head, level) in enumerate(zip(deep_heads, features[1:]), start=1)

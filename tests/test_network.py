@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from export import network_from_config, parameter_counts
+from inference.checkpoints import load_model
 from networks.head import FOREGROUND_PRIOR
-from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups
+from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups, standardise
 from networks.routing import AutomaticPathway, balance_loss, route_separation_loss, shared_route_probability
 from tests.conftest import TINY_NETWORK
 
@@ -156,8 +160,9 @@ def test_balance_loss_is_one_when_uniform_and_m_when_collapsed():
     assert balance_loss(collapsed).item() == pytest.approx(4.0, rel=1e-4)
 
 
-def test_trimmed_network_matches_full_network_and_refuses_other_routes():
-    net = tiny().eval()
+@pytest.mark.parametrize("route_head", [False, True])
+def test_trimmed_network_matches_full_network_and_refuses_other_routes(route_head):
+    net = tiny(route_head=route_head).eval()
     prompts = torch.randn(8, EMBED)
     routes = net.routes(prompts)
     keep = prompts[:1]
@@ -386,3 +391,37 @@ def test_deep_supervision_heads_are_left_out_at_inference_and_added_for_fine_tun
     own_head = fine_tuned.deep_heads[0].generator.weight.clone()
     load_network_weights(fine_tuned, save(tiny(), "plain.ckpt"))
     assert torch.equal(fine_tuned.deep_heads[0].generator.weight, own_head)
+
+
+def test_route_head_generates_the_read_out_from_the_prompt_and_its_route():
+    """With ``route_head`` the head reads the standardised prompt followed by one one-hot per level,
+    and another route's one-hots give the same prompt another read-out of the same features."""
+    net = tiny(route_head=True).eval()
+    prompts = torch.randn(2, EMBED)
+    seen = {}
+    net.head.register_forward_hook(lambda _, args, out: seen.update(features=args[0], input=args[1], logits=out))
+    net(torch.randn(1, 1, 32, 32, 32), prompts, torch.tensor([0, 0]))
+    routes = net.routes(prompts)
+    one_hots = torch.cat([F.one_hot(routes[:, level], 3).float() for level in range(5)], dim=1)
+    assert torch.equal(seen["input"][:, EMBED:], one_hots)
+    assert torch.allclose(seen["input"][:, :EMBED], standardise(prompts))
+    rerouted = torch.cat([seen["input"][:, :EMBED], one_hots.roll(1, dims=1)], dim=1)
+    logits = seen["logits"]
+    assert not torch.allclose(net.head(seen["features"], rerouted), logits)
+
+
+def test_route_head_checkpoint_round_trip(tmp_path):
+    """A checkpoint trained with ``route_head`` loads with it and gives the same logits."""
+    net = tiny(route_head=True).eval()
+    path = tmp_path / "route_head.ckpt"
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(PromptSegNet).parameters.items()
+        if p.default is not inspect.Parameter.empty and name != "in_channels"
+    }
+    hparams = defaults | TINY_NETWORK | {"embedding_dim": EMBED, "route_head": True}
+    torch.save({"state_dict": {f"network.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams}, path)
+    loaded = load_model(path).network
+    assert loaded.route_head
+    image, prompt = torch.randn(1, 1, 32, 32, 32), torch.randn(1, EMBED)
+    assert torch.allclose(loaded(image, prompt).logits, net(image, prompt).logits, atol=1e-5)
