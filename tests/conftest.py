@@ -61,17 +61,22 @@ EMBEDDING_DIM = 8
 PROMPTS = ("liver", "aorta")
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning-style checkpoint of a random tiny network whose text encoder is an embedding table."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    torch.manual_seed(0)
+def tiny_network_hparams(**overrides) -> dict:
+    """Every ``PromptSegNet`` setting a checkpoint records: the defaults, then ``TINY_NETWORK``, then ``overrides``."""
     defaults = {
         name: p.default
         for name, p in inspect.signature(PromptSegNet).parameters.items()
         if p.default is not inspect.Parameter.empty and name != "in_channels"
     }
-    hparams = defaults | TINY_NETWORK | {"embedding_dim": EMBEDDING_DIM}
+    return defaults | TINY_NETWORK | overrides
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A Lightning-style checkpoint of a random tiny network whose text encoder is an embedding table."""
+    root = tmp_path_factory.mktemp("checkpoint")
+    torch.manual_seed(0)
+    hparams = tiny_network_hparams(embedding_dim=EMBEDDING_DIM)
     network = PromptSegNet(**hparams)
     vectors = F.normalize(torch.randn(len(PROMPTS), EMBEDDING_DIM), dim=1)
     table = root / "table.pt"
