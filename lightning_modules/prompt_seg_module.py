@@ -79,8 +79,9 @@ class PromptSegModule(VolumeValidation):
             loss with this exponent (see ``lightning_modules/losses.py``).
         ce_top_fraction: cross-entropy over each pair's hardest fraction of voxels (1: all; nnU-Net's
             TopK loss uses 0.1), which keeps small structures from collapsing to background.
-        ce_balanced: class-balanced cross-entropy (foreground and background voxels of a pair each
-            carry half its term; see ``lightning_modules/losses.py``); off is the voxel mean.
+        ce_balance: raises a present pair's foreground share of its cross-entropy from its voxel
+            fraction ``f`` (0, the voxel mean) to one half (1, class-balanced), ``f**(1-b)``-weighted
+            between (see ``lightning_modules/losses.py``).
         deep_supervision: the 1/2, 1/4, ... decoder levels also segment each prompt through a head
             of their own (``networks/prompt_seg_net.py``), their losses weighted 1/2, 1/4, ... of the
             final one (nnU-Net's deep supervision; 0: none, the paper).
@@ -128,7 +129,7 @@ class PromptSegModule(VolumeValidation):
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
-        ce_balanced: bool = False,
+        ce_balance: float = 0.0,
         deep_supervision: int = 0,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,

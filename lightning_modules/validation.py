@@ -61,7 +61,7 @@ class VolumeValidation(L.LightningModule):
 
     def supervised_losses(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The training loss terms and their sum ``loss`` (``losses.segmentation_loss``) with this
-        module's ``cldice_weight``, ``focal_gamma``, ``ce_top_fraction`` and ``ce_balanced``."""
+        module's ``cldice_weight``, ``focal_gamma``, ``ce_top_fraction`` and ``ce_balance``."""
         hparams = self.hparams
         return segmentation_loss(
             logits.float(),  # sums over a patch's voxels in float32 also under bf16 autocast
@@ -70,7 +70,7 @@ class VolumeValidation(L.LightningModule):
             hparams.cldice_weight,
             hparams.focal_gamma,
             hparams.ce_top_fraction,
-            hparams.ce_balanced,
+            hparams.ce_balance,
         )
 
     def deep_supervised_loss(self, loss: torch.Tensor, deep_logits: list[torch.Tensor], batch: dict) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_balanced_cross_entropy_gives_a_pairs_foreground_half_its_term_hand_comp
     p = 1 / (1 + math.exp(2.0))
     dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
     missed, kept = -math.log(p), -math.log(1 - p)
-    balanced = dice_bce_loss(logits, target, ce_balanced=True)
+    balanced = dice_bce_loss(logits, target, ce_balance=1.0)
     assert balanced.item() == pytest.approx(dice_term + ((missed + kept) / 2 + kept) / 2, rel=1e-6)
     difference = (
         torch.autograd.grad(balanced, logits)[0] - torch.autograd.grad(dice_bce_loss(logits, target), logits)[0]
@@ -144,5 +144,27 @@ def test_balanced_cross_entropy_gives_a_pairs_foreground_half_its_term_hand_comp
     assert difference[0, 0, 0, 0, 0].item() == pytest.approx((p - 1) / 8 - (p - 1) / 16, rel=1e-5)
     assert difference[0, 0, 1, 1, 1].item() == pytest.approx(p / 24 - p / 16, rel=1e-5)
     assert difference[1].abs().max().item() < 1e-9  # the empty pair keeps the plain mean
-    with pytest.raises(ValueError, match="ce_balanced"):
-        dice_bce_loss(logits, target, ce_balanced=True, focal_gamma=2.0)
+    with pytest.raises(ValueError, match="ce_balance"):
+        dice_bce_loss(logits, target, ce_balance=1.0, focal_gamma=2.0)
+
+
+def test_partial_balance_gives_the_foreground_a_share_between_its_fraction_and_half_hand_computed():
+    """One pair of 8 voxels, two foreground (f = 1/4) at CE ``missed``, six background at ``kept``.
+    b = 0.5: the foreground's share is sqrt(1/4) / (sqrt(1/4) + sqrt(3/4)) = 1 / (1 + sqrt 3);
+    b = 0 equals the plain mean; b outside [0, 1] is refused."""
+    import math
+
+    logits = torch.full((1, 1, 2, 2, 2), -2.0)
+    target = torch.zeros_like(logits)
+    target[0, 0, 0, 0, :] = 1
+    p = 1 / (1 + math.exp(2.0))
+    dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
+    missed, kept = -math.log(p), -math.log(1 - p)
+    share = 1 / (1 + math.sqrt(3))
+    half = dice_bce_loss(logits, target, ce_balance=0.5).item()
+    assert half == pytest.approx(dice_term + share * missed + (1 - share) * kept, rel=1e-6)
+    assert dice_bce_loss(logits, target, ce_balance=0.0).item() == pytest.approx(
+        dice_bce_loss(logits, target).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="ce_balance must lie in"):
+        dice_bce_loss(logits, target, ce_balance=1.5)

@@ -413,7 +413,9 @@ def test_route_head_checkpoint_round_trip(tmp_path):
     net = tiny(route_head=True).eval()
     path = tmp_path / "route_head.ckpt"
     hparams = tiny_network_hparams(embedding_dim=EMBED, route_head=True)
-    torch.save({"state_dict": {f"network.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams}, path)
+    torch.save(
+        {"state_dict": {f"network.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams}, path
+    )
     loaded = load_model(path).network
     assert loaded.route_head
     image, prompt = torch.randn(1, 1, 32, 32, 32), torch.randn(1, EMBED)
