@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +90,6 @@ def test_losses_are_low_for_a_confident_correct_prediction():
 
 def test_empty_targets_take_cross_entropy_only_hand_computed():
     """p = 0.5 everywhere, 32 voxels a pair; pair 0 holds one foreground voxel, pair 1 none."""
-    import math
-
     logits = torch.zeros(2, 1, 2, 4, 4, requires_grad=True)
     target = torch.zeros(2, 1, 2, 4, 4)
     target[0, 0, 1, 1, 1] = 1
@@ -106,17 +106,22 @@ def test_empty_targets_take_cross_entropy_only_hand_computed():
     assert torch.allclose(logits.grad[1], torch.full_like(logits.grad[1], 0.5 / 64))
 
 
-def test_top_fraction_cross_entropy_averages_each_pairs_hardest_voxels_hand_computed():
-    """One pair of 8 voxels, all predicted background at p = sigmoid(-2); two are foreground.
-    The hardest quarter (2 voxels) is exactly the two missed foreground voxels."""
-    import math
-
-    logits = torch.full((1, 1, 2, 2, 2), -2.0)
+def two_of_eight_missed(pairs: int) -> tuple[torch.Tensor, torch.Tensor, float, float, float, float]:
+    """``pairs`` pairs of 8 voxels, all at p = sigmoid(-2); in the first, two voxels are foreground.
+    Returns logits, target, p, the first pair's Dice term, and the CE of a missed foreground and of a
+    kept background voxel."""
+    logits = torch.full((pairs, 1, 2, 2, 2), -2.0)
     target = torch.zeros_like(logits)
     target[0, 0, 0, 0, :] = 1
     p = 1 / (1 + math.exp(2.0))
     dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
-    missed, kept = -math.log(p), -math.log(1 - p)
+    return logits, target, p, dice_term, -math.log(p), -math.log(1 - p)
+
+
+def test_top_fraction_cross_entropy_averages_each_pairs_hardest_voxels_hand_computed():
+    """One pair of 8 voxels, all predicted background at p = sigmoid(-2); two are foreground.
+    The hardest quarter (2 voxels) is exactly the two missed foreground voxels."""
+    logits, target, _, dice_term, missed, kept = two_of_eight_missed(pairs=1)
     assert dice_bce_loss(logits, target).item() == pytest.approx(dice_term + (2 * missed + 6 * kept) / 8, rel=1e-6)
     assert dice_bce_loss(logits, target, ce_top_fraction=0.25).item() == pytest.approx(dice_term + missed, rel=1e-6)
     with pytest.raises(ValueError, match="ce_top_fraction"):
@@ -128,14 +133,8 @@ def test_balanced_cross_entropy_gives_a_pairs_foreground_half_its_term_hand_comp
     Balanced, pair 0's CE is (missed + kept) / 2 and pair 1's the plain mean. A foreground voxel's
     CE gradient is (p - 1) * 0.5 / 2 voxels / 2 pairs, twice the plain (p - 1) / 16 voxels; a
     background voxel's p * 0.5 / 6 / 2 (the Dice gradients are the same in both)."""
-    import math
-
-    logits = torch.full((2, 1, 2, 2, 2), -2.0, requires_grad=True)
-    target = torch.zeros_like(logits)
-    target[0, 0, 0, 0, :] = 1
-    p = 1 / (1 + math.exp(2.0))
-    dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
-    missed, kept = -math.log(p), -math.log(1 - p)
+    logits, target, p, dice_term, missed, kept = two_of_eight_missed(pairs=2)
+    logits.requires_grad_(True)
     balanced = dice_bce_loss(logits, target, ce_balance=1.0)
     assert balanced.item() == pytest.approx(dice_term + ((missed + kept) / 2 + kept) / 2, rel=1e-6)
     difference = (
@@ -152,14 +151,7 @@ def test_partial_balance_gives_the_foreground_a_share_between_its_fraction_and_h
     """One pair of 8 voxels, two foreground (f = 1/4) at CE ``missed``, six background at ``kept``.
     b = 0.5: the foreground's share is sqrt(1/4) / (sqrt(1/4) + sqrt(3/4)) = 1 / (1 + sqrt 3);
     b = 0 equals the plain mean; b outside [0, 1] is refused."""
-    import math
-
-    logits = torch.full((1, 1, 2, 2, 2), -2.0)
-    target = torch.zeros_like(logits)
-    target[0, 0, 0, 0, :] = 1
-    p = 1 / (1 + math.exp(2.0))
-    dice_term = 1 - (2 * 2 * p + 1) / (8 * p + 2 + 1)
-    missed, kept = -math.log(p), -math.log(1 - p)
+    logits, target, _, dice_term, missed, kept = two_of_eight_missed(pairs=1)
     share = 1 / (1 + math.sqrt(3))
     half = dice_bce_loss(logits, target, ce_balance=0.5).item()
     assert half == pytest.approx(dice_term + share * missed + (1 - share) * kept, rel=1e-6)

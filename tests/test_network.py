@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,14 @@ EMBED = 32
 def tiny(**overrides) -> PromptSegNet:
     torch.manual_seed(0)
     return PromptSegNet(embedding_dim=EMBED, **(TINY_NETWORK | overrides))
+
+
+def save_checkpoint(network: PromptSegNet, path: Path, hparams: dict | None = None) -> Path:
+    """``network`` written as a Lightning checkpoint's ``state_dict`` with ``hparams``
+    (default: only the input offset the weights were trained with)."""
+    state = {f"network.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams or {"input_offset": 0.5}}, path)
+    return path
 
 
 @pytest.mark.parametrize("size", [(32, 32, 32), (40, 36, 50)])
@@ -373,21 +383,16 @@ def test_deep_supervision_heads_read_their_own_decoder_levels_in_training_only()
 def test_deep_supervision_heads_are_left_out_at_inference_and_added_for_fine_tuning(tmp_path):
     from inference.checkpoints import load_network_weights
 
-    def save(network: PromptSegNet, name: str):
-        state = {f"network.{k}": v for k, v in network.state_dict().items()}
-        torch.save({"state_dict": state, "hyper_parameters": {"input_offset": 0.5}}, tmp_path / name)
-        return tmp_path / name
-
     trained = tiny(deep_supervision=2)
     plain = tiny()
     torch.manual_seed(1)
     plain.head.generator.bias.data.normal_()  # differs from the trained head before loading
-    load_network_weights(plain, save(trained, "deep.ckpt"))
+    load_network_weights(plain, save_checkpoint(trained, tmp_path / "deep.ckpt"))
     assert torch.equal(plain.head.generator.bias, trained.head.generator.bias)
     assert not any(k.startswith("deep_heads.") for k in plain.state_dict())
     fine_tuned = tiny(deep_supervision=1)
     own_head = fine_tuned.deep_heads[0].generator.weight.clone()
-    load_network_weights(fine_tuned, save(tiny(), "plain.ckpt"))
+    load_network_weights(fine_tuned, save_checkpoint(tiny(), tmp_path / "plain.ckpt"))
     assert torch.equal(fine_tuned.deep_heads[0].generator.weight, own_head)
 
 
@@ -411,12 +416,8 @@ def test_route_head_generates_the_read_out_from_the_prompt_and_its_route():
 def test_route_head_checkpoint_round_trip(tmp_path):
     """A checkpoint trained with ``route_head`` loads with it and gives the same logits."""
     net = tiny(route_head=True).eval()
-    path = tmp_path / "route_head.ckpt"
     hparams = tiny_network_hparams(embedding_dim=EMBED, route_head=True)
-    torch.save(
-        {"state_dict": {f"network.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams}, path
-    )
-    loaded = load_model(path).network
+    loaded = load_model(save_checkpoint(net, tmp_path / "route_head.ckpt", hparams)).network
     assert loaded.route_head
     image, prompt = torch.randn(1, 1, 32, 32, 32), torch.randn(1, EMBED)
     assert torch.allclose(loaded(image, prompt).logits, net(image, prompt).logits, atol=1e-5)
