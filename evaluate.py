@@ -22,6 +22,13 @@ left empty) get a second table: per task their number, how many have a non-empty
 false-positive rate) and the mean predicted volume. With ``--compare`` the other method's
 per_case.csv is matched on (case, task): both methods' means and the two-tailed paired t-tests use
 the shared pairs only; as in the paper, ``*`` marks the other method where p < 0.05.
+
+``--pool DIR`` pools the evaluations already written in ``DIR/*/per_case.csv`` (one per data set, as
+``quickstart.sh`` writes them) into ``DIR/pooled.md``: per task its present cases over every data set
+(a task labelled in two data sets, such as the liver, counts the cases of both), mean Dice and clDice,
+the absent-structure false positives, and the mean Dice over the tasks.
+
+    python evaluate.py --pool outputs/quickstart/eval
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ ORIGIN_TOLERANCE_MM = 1e-3
 SPACING_TOLERANCE_MM = 1e-3
 DIRECTION_TOLERANCE = 1e-4
 ABSENT_TITLE = "Absent-structure cases (false positives)"
+POOLED = "pooled.md"
 
 
 @dataclass(frozen=True)
@@ -391,6 +399,35 @@ def report(
     return text
 
 
+def pooled_rows(folder: Path) -> list[dict]:
+    """Every ``FOLDER/*/per_case.csv``'s rows, each case renamed ``SUBFOLDER/CASE`` so that data sets
+    with the same case names stay apart."""
+    paths = sorted(folder.glob("*/per_case.csv"))
+    if not paths:
+        raise FileNotFoundError(f"--pool {folder}: no */per_case.csv in it (run evaluate.py per data set first)")
+    return [row | {"case": f"{path.parent.name}/{row['case']}"} for path in paths for row in read_csv(path)]
+
+
+def pooled_report(rows: list[dict]) -> str:
+    """pooled.md: per task over every data set, the present cases' Dice and clDice (mean ± std in
+    percent), the absent cases' false positives; then the mean Dice over the tasks with present cases."""
+    tasks = sorted({r["task"] for r in rows})
+    lines = [
+        "| Task | cases | Dice | clDice | GT-absent cases | predicted non-empty | false-positive rate | predicted ml (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    task_means = []
+    for task in tasks:
+        present = [r["Dice"] for r in rows if r["task"] == task and is_present(r)]
+        absent = [r for r in rows if r["task"] == task and not is_present(r)]
+        cells = [str(len(present)), summary_cell(rows, task, "Dice"), summary_cell(rows, task, "clDice")]
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {absent_cells(absent)} |")
+        if present:
+            task_means.append(100 * float(np.mean(present)))
+    mean = f"{np.mean(task_means):.2f}" if task_means else "-"
+    return "\n".join(lines) + f"\n\nMean Dice over the {len(task_means)} tasks with present cases: {mean}\n"
+
+
 def box_plot(methods: dict[str, list[dict]]) -> bytes:
     """PNG of per-task box plots of the present cases: 0..1 metrics side by side, HD95 on its own
     mm axis."""
@@ -442,9 +479,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pred", type=Path, required=True, help="segment.py output folder (CASE/PROMPT-SLUG.nii.gz)")
-    parser.add_argument("--gt", type=Path, required=True, help="nnU-Net data set folder with dataset.json and labelsTr")
-    parser.add_argument("--output", type=Path, required=True, help="folder for per_case.csv, table.md, boxplot.png")
+    parser.add_argument("--pred", type=Path, help="segment.py output folder (CASE/PROMPT-SLUG.nii.gz)")
+    parser.add_argument("--gt", type=Path, help="nnU-Net data set folder with dataset.json and labelsTr")
+    parser.add_argument("--output", type=Path, help="folder for per_case.csv, table.md, boxplot.png")
     parser.add_argument("--registry", type=Path, help="data registry whose tasks define each prompt's labels")
     parser.add_argument("--compare", type=Path, help="another method's per_case.csv for paired t-tests")
     parser.add_argument("--name", default="ours", help="this method's name in the table")
@@ -453,11 +490,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--missing-as-empty", action="store_true", help="score missing cases and masks as empty predictions"
     )
+    parser.add_argument("--pool", type=Path, help="pool DIR/*/per_case.csv into DIR/pooled.md (no --pred/--gt)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     return parser.parse_args(argv)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.pool:
+        if args.pred or args.gt or args.output or args.compare:
+            raise ValueError("--pool reads existing evaluations: give it without --pred, --gt, --output and --compare")
+        if (args.pool / POOLED).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.pool / POOLED} exists; pass --overwrite to replace it")
+        return
+    missing = [f"--{name}" for name in ("pred", "gt", "output") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --pool DIR)")
     if not (math.isfinite(args.nsd_tolerance) and args.nsd_tolerance >= 0):
         raise ValueError(f"--nsd-tolerance must be a finite number of mm >= 0, got {args.nsd_tolerance}")
     if args.compare and args.name == args.other_name:
@@ -480,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         check_arguments(args)
+        if args.pool:
+            table = pooled_report(pooled_rows(args.pool))
+            (args.pool / POOLED).write_text(table)
+            print(table)
+            return 0
         other = read_csv(args.compare) if args.compare else None
         result = evaluate(args.pred, args.gt, args.registry, args.missing_as_empty, args.nsd_tolerance)
         methods, p_values, shared_note = {args.name: result.rows}, None, ""

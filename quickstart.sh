@@ -21,3 +21,4 @@ for dataset in Dataset001_PhantomAbdomen Dataset002_PhantomThorax Dataset003_Pha
   python evaluate.py --pred "outputs/quickstart/segment/$dataset" --gt "data/phantoms_test/$dataset" \
     --registry configs/data/phantoms_test.yaml --output "outputs/quickstart/eval/$dataset" --overwrite
 done
+python evaluate.py --pool outputs/quickstart/eval --overwrite   # every task over the 3 data sets: outputs/quickstart/eval/pooled.md

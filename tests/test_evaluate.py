@@ -211,6 +211,48 @@ def test_argument_errors_are_one_line(dataset, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
+def test_pool_counts_every_data_sets_cases_and_keeps_absent_cases_apart(tmp_path, capsys):
+    columns = ("case", "task", "present", "Dice", "clDice", "pred_voxels", "pred_ml")
+    for data_set in ("A", "B"):
+        (tmp_path / "eval" / data_set).mkdir(parents=True)
+    # both data sets name their case case_0: pooled, the liver has 2 cases
+    write_other(tmp_path / "eval" / "A" / "per_case.csv", [
+        {"case": "case_0", "task": "liver", "present": 1, "Dice": 0.8, "clDice": 0.9, "pred_voxels": 9, "pred_ml": 1},
+        {"case": "case_0", "task": "tumour", "present": 1, "Dice": 0.5, "clDice": 0.4, "pred_voxels": 2, "pred_ml": 1},
+        {"case": "case_1", "task": "tumour", "present": 0, "pred_voxels": 10, "pred_ml": 0.2},
+    ], columns)  # fmt: skip
+    write_other(tmp_path / "eval" / "B" / "per_case.csv", [
+        {"case": "case_0", "task": "liver", "present": 1, "Dice": 0.6, "clDice": 0.7, "pred_voxels": 9, "pred_ml": 1},
+        {"case": "case_1", "task": "tumour", "present": 0, "pred_voxels": 0, "pred_ml": 0.0},
+    ], columns)  # fmt: skip
+    assert main(["--pool", str(tmp_path / "eval")]) == 0
+    table = (tmp_path / "eval" / "pooled.md").read_text()
+    assert table in capsys.readouterr().out
+    # liver: (80 + 60) / 2 = 70, sample std 14.14; tumour: its one present case, not lifted by the absent ones
+    assert "| liver | 2 | 70.00 ± 14.14 | 80.00 ± 14.14 | 0 | - | - | - |" in table
+    assert "| tumour | 1 | 50.00 ± 0.00 | 40.00 ± 0.00 | 2 | 1 | 50.0 % | 0.10 |" in table
+    assert "Mean Dice over the 2 tasks with present cases: 60.00" in table
+
+
+def test_pool_errors_are_one_line_and_keep_existing_output(tmp_path, capsys):
+    (tmp_path / "eval").mkdir()
+    assert main(["--pool", str(tmp_path / "eval")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --pool {tmp_path / 'eval'}: no */per_case.csv in it (run evaluate.py per data set first)\n"
+    )
+    (tmp_path / "eval" / "pooled.md").write_text("mine")
+    assert main(["--pool", str(tmp_path / "eval")]) == 2
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path / 'eval' / 'pooled.md'} exists; pass --overwrite to replace it\n"
+    )
+    assert (tmp_path / "eval" / "pooled.md").read_text() == "mine"
+    assert main(["--pool", str(tmp_path / "eval"), "--gt", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --pool reads existing evaluations")
+    assert main([]) == 2
+    assert capsys.readouterr().err == "error: --pred, --gt, --output required (or --pool DIR)\n"
+
+
 def test_paired_t_test_matches_scipy_and_marks_significance():
     ours = [
         {"case": str(i), "task": "t", "Dice": 0.9 + 0.01 * i, "clDice": 0.5, "Tsens": 0.5, "Tprec": 0.5}
