@@ -324,9 +324,14 @@ def paired_p_values(ours: list[dict], other: list[dict]) -> dict[tuple[str, str]
     return p_values
 
 
+def present_values(rows: list[dict], task: str, metric: str) -> np.ndarray:
+    """The metric over the task's present cases, NaN where undefined (HD95 of a case not found)."""
+    return np.array([r[metric] for r in rows if r["task"] == task and is_present(r) and metric in r], float)
+
+
 def summary_cell(rows: list[dict], task: str, metric: str) -> str:
     """Mean ± std over the task's present cases (percent; HD95 in mm over the found ones)."""
-    values = np.array([r[metric] for r in rows if r["task"] == task and is_present(r) and metric in r], float)
+    values = present_values(rows, task, metric)
     not_found = int(np.isnan(values).sum()) if metric == "HD95" else 0
     values = values[np.isfinite(values)] * (1 if metric == "HD95" else 100)
     text = f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.2f}" if len(values) else "-"
@@ -418,11 +423,11 @@ def pooled_report(rows: list[dict]) -> str:
     ]
     task_means = []
     for task in tasks:
-        present = [r["Dice"] for r in rows if r["task"] == task and is_present(r)]
+        present = present_values(rows, task, "Dice")
         absent = [r for r in rows if r["task"] == task and not is_present(r)]
         cells = [str(len(present)), summary_cell(rows, task, "Dice"), summary_cell(rows, task, "clDice")]
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {absent_cells(absent)} |")
-        if present:
+        if len(present):
             task_means.append(100 * float(np.mean(present)))
     mean = f"{np.mean(task_means):.2f}" if task_means else "-"
     return "\n".join(lines) + f"\n\nMean Dice over the {len(task_means)} tasks with present cases: {mean}\n"
