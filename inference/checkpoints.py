@@ -104,10 +104,15 @@ def load_network_weights(network: PromptSegNet, path: str | Path) -> dict[str, t
     network.input_offset = float(_hparams(checkpoint).get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
     for pathway, kept in zip(network.pathways, checkpoint.get("kept_paths", [])):
         pathway.keep_only(set(kept))
-    state = _fit_deep_heads(network, network_state(checkpoint))
+    state = with_prompt_centre(_fit_deep_heads(network, network_state(checkpoint)), network.embedding_dim)
     check_state(network, state, path)
     network.load_state_dict(state)
     return dict(checkpoint.get("prompt_embeddings", {}))
+
+
+def with_prompt_centre(state: dict[str, torch.Tensor], embedding_dim: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Weights saved before prompt centring existed were trained uncentred: a zero centre."""
+    return {f"{prefix}prompt_centre": torch.zeros(embedding_dim)} | state
 
 
 def _fit_deep_heads(network: PromptSegNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from inference.checkpoints import load_network_weights
+from inference.checkpoints import load_network_weights, with_prompt_centre
 from lightning_modules.validation import VolumeValidation
 from networks.compiled import compile_blocks
 from networks.prompt_seg_net import PromptSegNet
@@ -85,6 +85,9 @@ class PromptSegModule(VolumeValidation):
         deep_supervision: the 1/2, 1/4, ... decoder levels also segment each prompt through a head
             of their own (``networks/prompt_seg_net.py``), their losses weighted 1/2, 1/4, ... of the
             final one (nnU-Net's deep supervision; 0: none, the paper).
+        centre_prompts: subtract the mean embedding of the data's task prompts from every prompt
+            before the routers and heads read it (set at the start of training, stored with the
+            weights; ``networks/prompt_seg_net.py``). Off: the embeddings as the text encoder gives them.
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -131,6 +134,7 @@ class PromptSegModule(VolumeValidation):
         ce_top_fraction: float = 1.0,
         ce_balance: float = 0.0,
         deep_supervision: int = 0,
+        centre_prompts: bool = False,
         sw_roi: int = 96,
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
@@ -194,7 +198,9 @@ class PromptSegModule(VolumeValidation):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.datamodule is not None:
-            self.embed(sorted(self.tubular))
+            embeddings = self.embed(sorted(self.tubular))
+            if self.hparams.centre_prompts and not self.hparams.init_checkpoint:
+                self.network.centre_prompts(embeddings)
         if self.hparams.init_checkpoint and stage == "fit" and not self.task_routes:
             self._prepare_few_shot()
 
@@ -315,6 +321,9 @@ class PromptSegModule(VolumeValidation):
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = with_prompt_centre(
+            checkpoint["state_dict"], self.network.embedding_dim, prefix="network."
+        )
         self.prompt_embeddings.update(checkpoint.get("prompt_embeddings", {}))
         self.tubular.update(checkpoint.get("tubular", {}))
         for pathway, kept in zip(self.network.pathways, checkpoint.get("kept_paths", [])):

@@ -43,7 +43,11 @@ class PromptSegNet(nn.Module):
     Each prompt embedding is standardised (zero mean, unit variance over its features, no learned
     parameters) before the routers and the head see it: text encoders return unit-norm vectors whose
     entries are about ``1/sqrt(E)``, which under Adam makes the prompt conditioning learn about
-    ``sqrt(E)`` times slower than the rest of the network.
+    ``sqrt(E)`` times slower than the rest of the network. Before that, the buffer ``prompt_centre``
+    (zeros unless set by :meth:`centre_prompts`) is subtracted: text encoders place all prompts of one
+    domain in a narrow cone (MiniLM: "liver" / "liver tumor" cosine 0.64, left / right kidney 0.87), and
+    removing the training prompts' mean leaves what tells them apart (0.44 and 0.78). The centre is
+    stored with the weights, so an unseen prompt is centred as the training prompts were.
 
     Args:
         in_channels: image channels.
@@ -101,6 +105,7 @@ class PromptSegNet(nn.Module):
             raise ValueError(f"deep_supervision must lie in 0..{len(decoder_channels) - 2}, got {deep_supervision}")
         self.embedding_dim = embedding_dim
         self.input_offset = input_offset
+        self.register_buffer("prompt_centre", torch.zeros(embedding_dim))
         self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
         encoder_channels = self.encoder.out_channels
         skip_channels = [encoder_channels[4], *encoder_channels[3::-1], in_channels]
@@ -140,9 +145,22 @@ class PromptSegNet(nn.Module):
             pathway.noise_scale = noise_scale
 
     @torch.no_grad()
+    def centre_prompts(self, prompt_embeddings: torch.Tensor) -> None:
+        """Subtract the mean of these (training) prompt embeddings (P, E) from every prompt from now on."""
+        if prompt_embeddings.dim() != 2 or prompt_embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"prompt embeddings must be (P, {self.embedding_dim}), got {tuple(prompt_embeddings.shape)}"
+            )
+        self.prompt_centre.copy_(prompt_embeddings.mean(dim=0))
+
+    def condition(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
+        """What routers and heads read: the prompt embedding less the centre, standardised."""
+        return standardise(prompt_embedding - self.prompt_centre.to(prompt_embedding.dtype))
+
+    @torch.no_grad()
     def routes(self, prompt_embedding: torch.Tensor) -> torch.Tensor:
         """Inference routes (P, levels): the argmax of each level's router logits, no noise."""
-        logits = self.decoder.router_logits(standardise(prompt_embedding))
+        logits = self.decoder.router_logits(self.condition(prompt_embedding))
         return torch.stack([level.argmax(dim=-1) for level in logits], dim=1)
 
     def forward(
@@ -164,7 +182,7 @@ class PromptSegNet(nn.Module):
             if prompt_embedding.shape[0] != image.shape[0]:
                 raise ValueError("give image_index when the prompts do not pair one-to-one with images")
             image_index = torch.arange(image.shape[0], device=image.device)
-        prompt_embedding = standardise(prompt_embedding)
+        prompt_embedding = self.condition(prompt_embedding)
         size = image.shape[2:]
         padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset
         hidden = self.encoder(padded)

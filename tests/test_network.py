@@ -421,3 +421,26 @@ def test_route_head_checkpoint_round_trip(tmp_path):
     assert loaded.route_head
     image, prompt = torch.randn(1, 1, 32, 32, 32), torch.randn(1, EMBED)
     assert torch.allclose(loaded(image, prompt).logits, net(image, prompt).logits, atol=1e-5)
+
+
+def test_prompt_centre_is_subtracted_before_standardising_and_travels_with_the_weights(tmp_path):
+    centred, plain = tiny().eval(), tiny().eval()
+    training_prompts = torch.randn(3, EMBED) + 2.0  # a shared component, as text encoders give
+    centred.centre_prompts(training_prompts)
+    assert torch.allclose(centred.prompt_centre, training_prompts.mean(dim=0))
+    image, prompt = torch.rand(1, 1, 64, 64, 64), torch.randn(2, EMBED)
+    with torch.no_grad():
+        expected = plain(image, prompt - training_prompts.mean(dim=0), torch.zeros(2, dtype=torch.long)).logits
+        assert torch.allclose(centred(image, prompt, torch.zeros(2, dtype=torch.long)).logits, expected, atol=1e-5)
+        assert not torch.allclose(plain(image, prompt, torch.zeros(2, dtype=torch.long)).logits, expected, atol=1e-3)
+    assert torch.equal(centred.routes(prompt), plain.routes(prompt - training_prompts.mean(dim=0)))
+    assert torch.equal(centred.trimmed(prompt).prompt_centre, centred.prompt_centre)
+    hparams = tiny_network_hparams(embedding_dim=EMBED)
+    loaded = load_model(save_checkpoint(centred, tmp_path / "centred.ckpt", hparams)).network
+    assert torch.equal(loaded.prompt_centre, centred.prompt_centre)
+    older = torch.load(tmp_path / "centred.ckpt", weights_only=True)
+    del older["state_dict"]["network.prompt_centre"]  # weights saved before centring existed
+    torch.save(older, tmp_path / "older.ckpt")
+    assert torch.equal(load_model(tmp_path / "older.ckpt").network.prompt_centre, torch.zeros(EMBED))
+    with pytest.raises(ValueError, match=rf"\(P, {EMBED}\)"):
+        centred.centre_prompts(torch.randn(3, EMBED + 1))

@@ -809,6 +809,25 @@ def test_shared_start_trains_candidate_zero_then_copies_it_to_every_candidate(ph
     assert moved, "after the shared start no candidate but 0 was trained: the routers did not choose again"
 
 
+def test_centre_prompts_subtracts_the_mean_task_embedding_and_resumes_with_it(phantom_registry, tmp_path):
+    L.seed_everything(0)
+    model = module(centre_prompts=True, joint_epochs=2, path_epochs=0)
+    data = data_module(phantom_registry, tmp_path / "cache")
+    trainer(tmp_path, 1).fit(model, data)
+    tasks = sorted(model.tubular)
+    assert len(tasks) > 1
+    expected = torch.stack([model.prompt_embeddings[p] for p in tasks]).mean(dim=0)
+    assert torch.allclose(model.network.prompt_centre, expected)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(state["network.prompt_centre"], model.network.prompt_centre)
+    older = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    del older["state_dict"]["network.prompt_centre"]  # saved before centring existed: resumes uncentred
+    torch.save(older, tmp_path / "older.ckpt")
+    resumed = module(joint_epochs=2, path_epochs=0)
+    trainer(tmp_path / "resumed", 2).fit(resumed, data, ckpt_path=str(tmp_path / "older.ckpt"))
+    assert torch.equal(resumed.network.prompt_centre, torch.zeros_like(expected))
+
+
 def test_shared_start_longer_than_the_joint_phase_is_refused():
     with pytest.raises(ValueError, match="shared_start_epochs=3 must lie in 0..joint_epochs"):
         module(shared_start_epochs=3, joint_epochs=2)
