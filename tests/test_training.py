@@ -809,7 +809,9 @@ def test_shared_start_trains_candidate_zero_then_copies_it_to_every_candidate(ph
     assert moved, "after the shared start no candidate but 0 was trained: the routers did not choose again"
 
 
-def test_centre_prompts_subtracts_the_mean_task_embedding_and_resumes_with_it(phantom_registry, tmp_path):
+def test_centre_prompts_stores_the_mean_task_embedding_and_older_checkpoints_resume_uncentred(
+    phantom_registry, tmp_path
+):
     L.seed_everything(0)
     model = module(centre_prompts=True, joint_epochs=2, path_epochs=0)
     data = data_module(phantom_registry, tmp_path / "cache")
