@@ -88,6 +88,7 @@ class PromptSegModule(VolumeValidation):
         centre_prompts: subtract the mean embedding of the data's task prompts from every prompt
             before the routers and heads read it (set at the start of training, stored with the
             weights; ``networks/prompt_seg_net.py``). Off: the embeddings as the text encoder gives them.
+            Data with one task prompt keeps a zero centre (centring would erase its only prompt).
         sw_roi: sliding-window edge (voxels) for validation.
         sw_overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
@@ -199,7 +200,7 @@ class PromptSegModule(VolumeValidation):
         super().setup(stage)
         if self.datamodule is not None:
             embeddings = self.embed(sorted(self.tubular))
-            if self.hparams.centre_prompts and not self.hparams.init_checkpoint:
+            if self.hparams.centre_prompts and not self.hparams.init_checkpoint and len(embeddings) > 1:
                 self.network.centre_prompts(embeddings)
         if self.hparams.init_checkpoint and stage == "fit" and not self.task_routes:
             self._prepare_few_shot()

@@ -830,6 +830,17 @@ def test_centre_prompts_stores_the_mean_task_embedding_and_older_checkpoints_res
     assert torch.equal(resumed.network.prompt_centre, torch.zeros_like(expected))
 
 
+def test_centre_prompts_leaves_a_single_task_prompt_uncentred(fewshot_registry, tmp_path):
+    """The mean of one prompt is that prompt: subtracting it would hand routers and heads a zero vector."""
+    model = module(centre_prompts=True, joint_epochs=1, path_epochs=0)
+    data = data_module(fewshot_registry, tmp_path / "cache", shots=1, prompts_per_image=1)
+    trainer(tmp_path, 1).fit(model, data)
+    assert len(model.tubular) == 1
+    assert torch.equal(model.network.prompt_centre, torch.zeros_like(model.network.prompt_centre))
+    prompt = model.prompt_embeddings[next(iter(model.tubular))]
+    assert model.network.condition(prompt[None]).abs().sum() > 0
+
+
 def test_shared_start_longer_than_the_joint_phase_is_refused():
     with pytest.raises(ValueError, match="shared_start_epochs=3 must lie in 0..joint_epochs"):
         module(shared_start_epochs=3, joint_epochs=2)
