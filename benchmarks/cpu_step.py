@@ -34,12 +34,14 @@ COMPONENTS = ("forward", "loss", "backward", "optimizer")
 def quickstart_batch(network: PromptSegNet, patch: int, prompts: int, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     image = torch.rand(1, 1, patch, patch, patch, generator=generator)
-    smooth = torch.nn.functional.avg_pool3d(torch.rand(prompts, 1, patch, patch, patch, generator=generator), 9, 1, 4)
+    noise = torch.rand(prompts, 1, patch, patch, patch, generator=generator)
+    smooth = torch.nn.functional.avg_pool3d(noise, 9, 1, 4, count_include_pad=False).flatten(1)
+    threshold = smooth.quantile(0.98, dim=1, keepdim=True)  # each pair's top 2 % of voxels: every pair present
     return {
         "image": image,
         "embedding": torch.randn(prompts, network.embedding_dim, generator=generator),
         "image_index": torch.zeros(prompts, dtype=torch.long),
-        "masks": (smooth > smooth.mean() + 2 * smooth.std()).float(),
+        "masks": (smooth > threshold).float().view(prompts, 1, patch, patch, patch),
         "tubular": torch.arange(prompts) < 2,
     }
 

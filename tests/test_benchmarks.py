@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import dataloader, validation_memory
+from benchmarks import cpu_step, dataloader, soft_skeleton, validation_memory
 from lightning_modules.validation import VolumeValidation
 
 
@@ -90,3 +90,18 @@ def test_dataloader_benchmark_reports_per_worker_rates_and_the_node_extrapolatio
     assert summary["from_workers"] == 1 and summary["per_worker"] == records[1]["per_worker"] > 0
     assert summary["node_samples_per_second"] == round(8 * summary["per_worker"], 1)
     assert summary["outruns_gpu"] == (summary["node_samples_per_second"] >= 2 / 0.134)
+
+
+def test_soft_skeleton_benchmark_times_both_skeletons_and_finds_them_equal(capsys):
+    record = soft_skeleton.main(["--pairs", "2", "--size", "16", "--repeats", "1"])
+    assert record["max_value_difference"] == 0.0 and record["max_grad_difference"] < 1e-5
+    assert record["speedup_forward"] > 0 and record["shifted_backward_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 2
+
+
+def test_cpu_step_batch_holds_a_structure_in_every_pair():
+    """Every pair present, so the timed loss runs Dice and soft clDice as a training step does."""
+    network = type("Network", (), {"embedding_dim": 8})()
+    batch = cpu_step.quickstart_batch(network, 32, 4)
+    fractions = batch["masks"].mean(dim=(1, 2, 3, 4))
+    assert ((fractions > 0.005) & (fractions < 0.1)).all() and batch["tubular"].sum() == 2

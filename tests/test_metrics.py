@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.losses import dice_bce_loss, soft_cl_dice_loss
+from benchmarks.soft_skeleton import max_pool_soft_skeleton
+from lightning_modules.losses import _CROSS, _LINES, _NeighbourhoodMax, dice_bce_loss, soft_cl_dice_loss, soft_skeleton
 from metrics.segmentation import cl_dice, dice, topology_precision, topology_sensitivity
 from metrics.surface import hd95, surface_dice
 
@@ -86,6 +87,36 @@ def test_losses_are_low_for_a_confident_correct_prediction():
     bad = -good
     assert dice_bce_loss(good, target) < 0.05 < dice_bce_loss(bad, target)
     assert soft_cl_dice_loss(good, target) < 0.05 < soft_cl_dice_loss(bad, target)
+
+
+def test_soft_skeleton_equals_the_max_pooling_one_values_and_gradients():
+    generator = torch.Generator().manual_seed(0)
+    tube = torch.zeros(2, 1, 12, 14, 16)
+    tube[0, 0, 2:10, 5:9, 6:10] = 1
+    tube[1, 0, 6, 2:12, 3:13] = 1
+    blurred = torch.nn.functional.avg_pool3d(tube + 0.3 * torch.rand(tube.shape, generator=generator), 3, 1, 1)
+    weights = torch.rand(tube.shape, generator=generator)
+    for volume in (tube, blurred.to(torch.bfloat16).float()):  # plateaus and bf16 ties: the values agree
+        assert torch.equal(soft_skeleton(volume), max_pool_soft_skeleton(volume))
+    # Without ties every maximum has one argmax, so the gradients agree too (with ties each sends it to
+    # one of the tied voxels, max pooling to another: both are subgradients).
+    ours, theirs = blurred.clone().requires_grad_(), blurred.clone().requires_grad_()
+    skeleton, reference = soft_skeleton(ours), max_pool_soft_skeleton(theirs)
+    assert torch.equal(skeleton, reference) and skeleton.sum() > 0
+    (skeleton * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-5) and ours.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("offsets", [_CROSS, *_LINES])
+def test_neighbourhood_max_gradient_matches_finite_differences(offsets):
+    volume = torch.rand(2, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _NeighbourhoodMax.apply(v, offsets), (volume,))
+    window = {_CROSS: None, _LINES[0]: (3, 1, 1), _LINES[1]: (1, 3, 1), _LINES[2]: (1, 1, 3)}[offsets]
+    if window is not None:
+        padding = tuple(k // 2 for k in window)
+        expected = torch.nn.functional.max_pool3d(volume, window, 1, padding)
+        assert torch.equal(_NeighbourhoodMax.apply(volume, offsets), expected)
 
 
 def test_empty_targets_take_cross_entropy_only_hand_computed():
