@@ -88,42 +88,51 @@ def balanced_mean(voxel_losses: torch.Tensor, target: torch.Tensor, balance: flo
     return (voxel_losses * torch.where(both, balanced, 1.0 / voxels)).sum(dims).mean()
 
 
-# Neighbour offsets (depth, height, width), the voxel itself first: a 3-voxel line along each axis,
-# and the 6-neighbourhood cross.
+# A voxel's neighbours along each axis (depth, height, width), in max pooling's scan order.
 _LINES = (
-    ((0, 0, 0), (-1, 0, 0), (1, 0, 0)),
-    ((0, 0, 0), (0, -1, 0), (0, 1, 0)),
-    ((0, 0, 0), (0, 0, -1), (0, 0, 1)),
+    ((-1, 0, 0), (0, 0, 0), (1, 0, 0)),
+    ((0, -1, 0), (0, 0, 0), (0, 1, 0)),
+    ((0, 0, -1), (0, 0, 0), (0, 0, 1)),
 )
-_CROSS = ((0, 0, 0),) + tuple(offset for line in _LINES for offset in line[1:])
 
 
 class _NeighbourhoodMax(torch.autograd.Function):
-    """Max of each voxel of (N, C, D, H, W) and its neighbours at the given offsets, the border
-    padded with -inf: what ``F.max_pool3d`` computes for that window. PyTorch's CPU max pooling runs
-    one channel at a time, unvectorised; for one-channel 64^3 masks shifted maxima are several times
-    faster. The backward sends each output's gradient to the first offset that holds its value, as
-    max pooling sends it to one argmax."""
+    """Max of each voxel of (N, C, D, H, W) and its neighbours along the given 3-voxel lines, the
+    border padded with -inf: for one line, what ``F.max_pool3d`` computes with that window; for the
+    three lines, the max of the three poolings. PyTorch's CPU max pooling runs one channel at a time,
+    unvectorised: for one-channel 64^3 masks shifted maxima are several times faster. The gradient
+    goes where max pooling and ``amax`` send it: within a line to the first offset that holds the
+    maximum, and shared evenly between lines that tie."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, offsets: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, lines: tuple[tuple[tuple[int, int, int], ...], ...]) -> torch.Tensor:
         padded = F.pad(x, (1, 1, 1, 1, 1, 1), value=float("-inf"))
-        out = x
-        for offset in offsets[1:]:
-            out = torch.maximum(out, _shifted(padded, offset, x.shape))
-        ctx.save_for_backward(padded, out)
-        ctx.offsets = offsets
+        line_maxima = []
+        for line in lines:
+            line_max = _shifted(padded, line[0], x.shape)
+            for offset in line[1:]:
+                line_max = torch.maximum(line_max, _shifted(padded, offset, x.shape))
+            line_maxima.append(line_max)
+        out = line_maxima[0]
+        for line_max in line_maxima[1:]:
+            out = torch.maximum(out, line_max)
+        ctx.save_for_backward(padded, out, *line_maxima)
+        ctx.lines = lines
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        padded, out = ctx.saved_tensors
+        padded, out, *line_maxima = ctx.saved_tensors
+        ties = [line_max == out for line_max in line_maxima]
+        if len(ties) > 1:
+            grad = grad / torch.stack(ties).sum(0)
         grad_padded = torch.zeros_like(padded)
-        unclaimed = torch.ones_like(out, dtype=torch.bool)
-        for offset in ctx.offsets:
-            winner = unclaimed & (_shifted(padded, offset, out.shape) == out)
-            unclaimed &= ~winner
-            _shifted(grad_padded, offset, out.shape).add_(grad * winner)
+        for line, tie in zip(ctx.lines, ties, strict=True):
+            unclaimed = tie
+            for offset in line:
+                winner = unclaimed & (_shifted(padded, offset, out.shape) == out)
+                unclaimed = unclaimed & ~winner
+                _shifted(grad_padded, offset, out.shape).add_(grad * winner)
         return _shifted(grad_padded, (0, 0, 0), out.shape), None
 
 
@@ -134,14 +143,15 @@ def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], shape: torch.Si
 
 
 def _soft_erode(x: torch.Tensor) -> torch.Tensor:
-    """Min over each voxel's 6-neighbourhood (a cross of three 3-voxel lines)."""
-    return -_NeighbourhoodMax.apply(-x, _CROSS)
+    """Min over each voxel's 6-neighbourhood: the min of its three 3-voxel lines."""
+    return -_NeighbourhoodMax.apply(-x, _LINES)
 
 
 def _soft_dilate(x: torch.Tensor) -> torch.Tensor:
-    """Max over the 3x3x3 cube, as three separable 3-voxel lines."""
-    for line in _LINES:
-        x = _NeighbourhoodMax.apply(x, line)
+    """Max over the 3x3x3 cube, as three separable 3-voxel lines: width, height, then depth, so that
+    the gradient reaches the cube's first maximum in max pooling's (depth, height, width) scan order."""
+    for line in reversed(_LINES):
+        x = _NeighbourhoodMax.apply(x, (line,))
     return x
 
 

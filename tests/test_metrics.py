@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.soft_skeleton import max_pool_soft_skeleton
-from lightning_modules.losses import _CROSS, _LINES, _NeighbourhoodMax, dice_bce_loss, soft_cl_dice_loss, soft_skeleton
+from lightning_modules.losses import _LINES, _NeighbourhoodMax, dice_bce_loss, soft_cl_dice_loss, soft_skeleton
 from metrics.segmentation import cl_dice, dice, topology_precision, topology_sensitivity
 from metrics.surface import hd95, surface_dice
 
@@ -90,33 +90,31 @@ def test_losses_are_low_for_a_confident_correct_prediction():
 
 
 def test_soft_skeleton_equals_the_max_pooling_one_values_and_gradients():
+    """Equal on a binary tube (plateaus), a blurred one (distinct values) and that in bf16 (ties):
+    with ties the gradient goes where max pooling sends it (its window's first maximum)."""
     generator = torch.Generator().manual_seed(0)
     tube = torch.zeros(2, 1, 12, 14, 16)
     tube[0, 0, 2:10, 5:9, 6:10] = 1
     tube[1, 0, 6, 2:12, 3:13] = 1
     blurred = torch.nn.functional.avg_pool3d(tube + 0.3 * torch.rand(tube.shape, generator=generator), 3, 1, 1)
     weights = torch.rand(tube.shape, generator=generator)
-    for volume in (tube, blurred.to(torch.bfloat16).float()):  # plateaus and bf16 ties: the values agree
-        assert torch.equal(soft_skeleton(volume), max_pool_soft_skeleton(volume))
-    # Without ties every maximum has one argmax, so the gradients agree too (with ties each sends it to
-    # one of the tied voxels, max pooling to another: both are subgradients).
-    ours, theirs = blurred.clone().requires_grad_(), blurred.clone().requires_grad_()
-    skeleton, reference = soft_skeleton(ours), max_pool_soft_skeleton(theirs)
-    assert torch.equal(skeleton, reference) and skeleton.sum() > 0
-    (skeleton * weights).sum().backward()
-    (reference * weights).sum().backward()
-    assert torch.allclose(ours.grad, theirs.grad, atol=1e-5) and ours.grad.abs().sum() > 0
+    for volume in (tube, blurred, blurred.to(torch.bfloat16).float()):
+        ours, theirs = volume.clone().requires_grad_(), volume.clone().requires_grad_()
+        skeleton, reference = soft_skeleton(ours), max_pool_soft_skeleton(theirs)
+        assert torch.equal(skeleton, reference) and skeleton.sum() > 0
+        (skeleton * weights).sum().backward()
+        (reference * weights).sum().backward()
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5) and ours.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("offsets", [_CROSS, *_LINES])
-def test_neighbourhood_max_gradient_matches_finite_differences(offsets):
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1, 2)])
+def test_neighbourhood_max_is_max_pooling_along_lines_with_its_gradient(axes):
     volume = torch.rand(2, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: _NeighbourhoodMax.apply(v, offsets), (volume,))
-    window = {_CROSS: None, _LINES[0]: (3, 1, 1), _LINES[1]: (1, 3, 1), _LINES[2]: (1, 1, 3)}[offsets]
-    if window is not None:
-        padding = tuple(k // 2 for k in window)
-        expected = torch.nn.functional.max_pool3d(volume, window, 1, padding)
-        assert torch.equal(_NeighbourhoodMax.apply(volume, offsets), expected)
+    lines = tuple(_LINES[axis] for axis in axes)
+    assert torch.autograd.gradcheck(lambda v: _NeighbourhoodMax.apply(v, lines), (volume,))
+    windows = [tuple(3 if a == axis else 1 for a in range(3)) for axis in axes]
+    poolings = [torch.nn.functional.max_pool3d(volume, w, 1, tuple(k // 2 for k in w)) for w in windows]
+    assert torch.equal(_NeighbourhoodMax.apply(volume, lines), torch.stack(poolings).amax(0))
 
 
 def test_empty_targets_take_cross_entropy_only_hand_computed():
