@@ -70,7 +70,8 @@ DATASETS = (
     PhantomDataset(3, "PhantomLesions", ("liver", "liver tumor", "lung", "lung tumor", "superior mesenteric artery")),
 )
 FEW_SHOT_DATASET = PhantomDataset(4, "PhantomRenalArtery", ("renal artery",))
-FAT_CAPSULE_MM = {"left kidney": 5.0, "right kidney": 5.0, "bladder": 4.0}  # at the small preset's scale
+# fat capsule widths, times the case's scale (about 4 and 3 mm in the small preset)
+FAT_CAPSULE_MM = {"left kidney": 5.0, "right kidney": 5.0, "bladder": 4.0}
 HEART_CHAMBER_FRACTION = 0.7  # the chambers' radii over the heart's: a wall of 30 % of each radius
 AIRWAY_ATTEMPTS = 50  # bronchial trees drawn at most to find one clear of the aorta and pulmonary arteries
 TUBULAR = ("aorta", "pulmonary artery", "airway", "superior mesenteric artery", "renal artery")
@@ -248,7 +249,7 @@ def _branch_tree(
 def random_anatomy(rng: np.random.Generator, preset: PhantomPreset) -> Anatomy:
     """Draw one torso. Axes: x to the patient's left, y posterior, z superior (LPS-like patient frame)."""
     half = np.array(preset.fov_mm) / 2 * rng.uniform(0.9, 1.0, 3) * np.array([0.92, 0.85, 1.0])
-    scale = half.min() / 60.0  # 1.0 for the small preset
+    scale = half.min() / 60.0  # 0.77-0.85 for the small preset (its shortest half-axis, y, is 46-51 mm)
 
     def hu(name: str) -> float:
         return float(rng.uniform(*HU_RANGES[name]))
