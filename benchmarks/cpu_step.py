@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.common import device_name, emit
 from export import model_init_args, network_from_config
@@ -73,22 +74,32 @@ def timed_step(network: PromptSegNet, optimizer: torch.optim.Optimizer, batch: d
     return seconds
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(description: str, argv: list[str] | None, repeats: int) -> argparse.Namespace:
+    """The command line of a benchmark of the quickstart's step: config, patch, prompts, repeats, results."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--results", type=Path)
-    args = parser.parse_args(argv)
-    model = model_init_args(__import__("yaml").safe_load(args.config.read_text()) or {})
-    cldice = float(model.get("cldice_weight", 0.5))
+    return parser.parse_args(argv)
+
+
+def step_setup(args: argparse.Namespace) -> tuple[PromptSegNet, dict, float]:
+    """The config's network in training mode without Gumbel noise (every copy takes the same routes),
+    one batch, and the config's soft-clDice weight."""
+    model = model_init_args(yaml.safe_load(args.config.read_text()) or {})
     torch.manual_seed(0)
-    base = network_from_config(args.config).train()
-    base.set_routing_schedule(1.0, 0.0)  # no Gumbel noise: both formats take the same routes
+    network = network_from_config(args.config).train()
+    network.set_routing_schedule(1.0, 0.0)
+    return network, quickstart_batch(network, args.patch, args.prompts), float(model.get("cldice_weight", 0.5))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = step_arguments(__doc__, argv, repeats=3)
+    base, batch, cldice = step_setup(args)
     networks = {k: copy.deepcopy(base).to(memory_format=f) for k, (f, _) in SETTINGS.items()}
     optimizers = {k: torch.optim.AdamW(n.parameters(), lr=1e-4) for k, n in networks.items()}
-    batch = quickstart_batch(base, args.patch, args.prompts)
     outputs = {}
     with torch.no_grad():
         for name, network in networks.items():

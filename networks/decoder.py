@@ -22,7 +22,8 @@ from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
 from networks.conditioning import LevelModulation
-from networks.routing import AutomaticPathway
+from networks.precision import float32_on_cpu
+from networks.routing import AutomaticPathway, take_rows
 
 
 def residual_block(in_channels: int, out_channels: int) -> UnetResBlock:
@@ -65,7 +66,7 @@ class RoutedDecoder(nn.Module):
             )
         if num_paths < 1:
             raise ValueError(f"num_paths must be at least 1, got {num_paths}")
-        self.bottleneck = residual_block(skip_channels[0], channels[0])
+        self.bottleneck = float32_on_cpu(residual_block(skip_channels[0], channels[0]))  # see networks/precision.py
         self.skips = nn.ModuleList(residual_block(s, c) for s, c in zip(skip_channels[1:], channels[1:]))
         self.ups = nn.ModuleList(upsampling(a, b) for a, b in zip(channels[:-1], channels[1:]))
         self.pathways = nn.ModuleList(
@@ -121,12 +122,14 @@ class RoutedDecoder(nn.Module):
         for level, (up, skip_block, pathway) in enumerate(zip(self.ups, self.skips, self.pathways)):
             keys.append(weights[level].argmax(dim=-1))
             parent, group, first, membership = _prefix_groups(torch.stack(keys, dim=1), group)
-            features = torch.cat([up(x)[parent], skip_block(skips[level + 1])[image_index[first]]], dim=1)
+            features = torch.cat(
+                [take_rows(up(x), parent), take_rows(skip_block(skips[level + 1]), image_index[first])], 1
+            )
             x = pathway(features, _group_mean(weights[level], membership))
             if self.modulation is not None:
                 x = self.modulation(level, x, conditioning[first])
             if level >= self.num_levels - levels:
-                decoded.append(x[group])
+                decoded.append(take_rows(x, group))
         return decoded[::-1]
 
 

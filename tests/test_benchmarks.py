@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import cpu_step, dataloader, soft_skeleton, validation_memory
+from benchmarks import cpu_step, dataloader, soft_skeleton, take_rows, validation_memory
 from lightning_modules.validation import VolumeValidation
 
 
@@ -105,3 +105,11 @@ def test_cpu_step_batch_holds_a_structure_in_every_pair():
     batch = cpu_step.quickstart_batch(network, 32, 4)
     fractions = batch["masks"].mean(dim=(1, 2, 3, 4))
     assert ((fractions > 0.005) & (fractions < 0.1)).all() and batch["tubular"].sum() == 2
+
+
+def test_take_rows_benchmark_times_both_gathers_with_the_same_gradients(capsys):
+    record = take_rows.main(["--patch", "32", "--prompts", "3", "--repeats", "1"])
+    assert record["max_grad"] > 0 and record["max_grad_difference"] <= 1e-2 * record["max_grad"]
+    assert record["take_rows_step_s"] > 0 and record["indexing_step_s"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompts"] == 3
+    assert take_rows.networks.decoder.take_rows is take_rows.GATHERS["take_rows"]  # restored after the run

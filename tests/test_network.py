@@ -10,7 +10,13 @@ from export import network_from_config, parameter_counts
 from inference.checkpoints import load_model
 from networks.head import FOREGROUND_PRIOR
 from networks.prompt_seg_net import PromptSegNet, count_parameters, shared_route_groups, standardise
-from networks.routing import AutomaticPathway, balance_loss, route_separation_loss, shared_route_probability
+from networks.routing import (
+    AutomaticPathway,
+    balance_loss,
+    route_separation_loss,
+    shared_route_probability,
+    take_rows,
+)
 from tests.conftest import TINY_NETWORK, tiny_network_hparams
 
 EMBED = 32
@@ -444,3 +450,57 @@ def test_prompt_centre_is_subtracted_before_standardising_and_travels_with_the_w
     assert torch.equal(load_model(tmp_path / "older.ckpt").network.prompt_centre, torch.zeros(EMBED))
     with pytest.raises(ValueError, match=rf"\(P, {EMBED}\)"):
         centred.centre_prompts(torch.randn(3, EMBED + 1))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_take_rows_equals_indexing_in_values_gradients_and_layout(memory_format):
+    """Rows taken twice, once and never (row 1): the same values and gradients as ``x[index]``."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, 7, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    index = torch.tensor([2, 0, 2, 3, 2])
+    upstream = torch.randn(5, 3, 5, 6, 7, dtype=torch.float64).to(memory_format=memory_format)
+    taken = take_rows(x, index)
+    (expected_grad,) = torch.autograd.grad(x[index], x, upstream)
+    (grad,) = torch.autograd.grad(taken, x, upstream)
+    assert torch.equal(taken, x[index])
+    assert torch.allclose(grad, expected_grad) and not grad[1].any()
+    assert torch.allclose(grad[2], upstream[0] + upstream[2] + upstream[4])
+    assert grad.is_contiguous(memory_format=memory_format) and taken.is_contiguous(memory_format=memory_format)
+
+
+def test_float32_block_under_cpu_bf16_autocast_has_float32_gradients_on_a_2_voxel_map():
+    """oneDNN's bf16 weight gradient of a 3x3x3 convolution over a 2^3 map is wrong on AVX512-BF16
+    CPUs (networks/precision.py); the wrapped block computes exactly what it computes in float32."""
+    from networks.decoder import residual_block
+    from networks.precision import float32_on_cpu
+
+    torch.manual_seed(0)
+    block = float32_on_cpu(residual_block(16, 8)).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 16, 2, 2, 2).to(memory_format=torch.channels_last_3d)
+    upstream = torch.randn(1, 8, 2, 2, 2)
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
+        assert out.dtype == torch.float32
+        grads.append(torch.autograd.grad((out * upstream).sum(), list(block.parameters())))
+    for plain, autocast in zip(*grads, strict=True):
+        assert torch.allclose(plain, autocast, rtol=1e-5, atol=1e-7)
+    assert list(block.state_dict()) == list(residual_block(16, 8).state_dict())  # names unchanged
+
+
+def test_the_2_voxel_bottlenecks_run_in_float32_under_cpu_bf16_autocast():
+    from networks.reference_net import ReferenceNet
+
+    network = PromptSegNet(**TINY_NETWORK)
+    reference = ReferenceNet(3, (4, 4, 8, 8, 16, 16))
+    outputs = {}
+    network.decoder.bottleneck.register_forward_hook(lambda m, i, o: outputs.setdefault("ours", o))
+    reference.unet.bottleneck.register_forward_hook(lambda m, i, o: outputs.setdefault("reference", o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        network(torch.rand(1, 1, 64, 64, 64), torch.randn(2, network.embedding_dim), torch.zeros(2, dtype=torch.long))
+        reference(
+            torch.rand(1, 1, 64, 64, 64), F.one_hot(torch.tensor([0, 2]), 3).float(), torch.zeros(2, dtype=torch.long)
+        )
+    assert outputs["ours"].shape[2:] == outputs["reference"].shape[2:] == (2, 2, 2)
+    assert outputs["ours"].dtype == outputs["reference"].dtype == torch.float32
