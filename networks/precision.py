@@ -6,7 +6,8 @@ gradient of a 3x3x3 convolution with padding 1 wrongly when a side of its input 
 and its input gradient are right, and sides of 1, 3 and 4 are right. A 64^3 patch has a 2^3 map at
 1/32 of its size, where the decoder's bottleneck (and the reference U-Net's) convolves. Those blocks
 run in float32 when CPU autocast is on: the same values, exact gradients, at a negligible cost on a
-2^3 map. ``tests/test_network.py`` checks the gradients against float32.
+2^3 map. ``tests/test_network.py`` checks the gradients against float32. Scope: the 2-voxel maps of
+a 64^3 patch; a patch whose other levels have a side of 2 (a 32^3 patch at 1/16) is not covered.
 """
 
 from __future__ import annotations
