@@ -22,7 +22,6 @@ from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
 from networks.conditioning import LevelModulation
-from networks.precision import float32_on_cpu
 from networks.routing import AutomaticPathway, take_rows
 
 
@@ -66,7 +65,7 @@ class RoutedDecoder(nn.Module):
             )
         if num_paths < 1:
             raise ValueError(f"num_paths must be at least 1, got {num_paths}")
-        self.bottleneck = float32_on_cpu(residual_block(skip_channels[0], channels[0]))  # see networks/precision.py
+        self.bottleneck = residual_block(skip_channels[0], channels[0])
         self.skips = nn.ModuleList(residual_block(s, c) for s, c in zip(skip_channels[1:], channels[1:]))
         self.ups = nn.ModuleList(upsampling(a, b) for a, b in zip(channels[:-1], channels[1:]))
         self.pathways = nn.ModuleList(

@@ -14,6 +14,7 @@ from networks.conditioning import PromptProjection
 from networks.decoder import RoutedDecoder
 from networks.encoder import SwinEncoder
 from networks.head import PlainHead, PromptConditionedHead
+from networks.precision import float32_on_small_maps
 
 DIVISOR = 32  # patch embedding (2) and four patch mergings: the coarsest map is 1/32 of the input
 MIN_SIZE = 64  # instance norm needs more than one voxel in the 1/32 map
@@ -131,6 +132,7 @@ class PromptSegNet(nn.Module):
         self.deep_heads = nn.ModuleList(
             head(c) for c in decoder_channels[-2 : -2 - deep_supervision : -1]
         )  # 1/2, 1/4..
+        float32_on_small_maps(self)  # oneDNN's bf16 weight gradients on 2-voxel maps: networks/precision.py
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
 

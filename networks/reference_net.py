@@ -16,7 +16,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from networks.head import prior_bias
-from networks.precision import float32_on_cpu
+from networks.precision import float32_on_small_maps
 from networks.prompt_seg_net import DIVISOR, MIN_SIZE, NetworkOutput, _pad_to_multiple
 
 
@@ -61,7 +61,7 @@ class ReferenceNet(nn.Module):
             deep_supervision=deep_supervision > 0,
             deep_supr_num=max(deep_supervision, 1),
         )
-        float32_on_cpu(self.unet.bottleneck)  # its second convolution runs on a 2^3 map: networks/precision.py
+        float32_on_small_maps(self.unet)  # oneDNN's bf16 weight gradients on 2-voxel maps: networks/precision.py
         with torch.no_grad():
             for head in [self.unet.output_block, *getattr(self.unet, "deep_supervision_heads", [])]:
                 head.conv.conv.bias.fill_(prior_bias())

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from export import network_from_config, parameter_counts
 from inference.checkpoints import load_model
@@ -468,39 +469,66 @@ def test_take_rows_equals_indexing_in_values_gradients_and_layout(memory_format)
     assert grad.is_contiguous(memory_format=memory_format) and taken.is_contiguous(memory_format=memory_format)
 
 
-def test_float32_block_under_cpu_bf16_autocast_has_float32_gradients_on_a_2_voxel_map():
-    """oneDNN's bf16 weight gradient of a 3x3x3 convolution over a 2^3 map is wrong on AVX512-BF16
-    CPUs (networks/precision.py); the wrapped block computes exactly what it computes in float32."""
+@pytest.mark.parametrize("side", [(2, 2, 2), (2, 4, 4), (4, 2, 3)])
+def test_a_convolution_over_a_2_voxel_side_has_float32_gradients_under_cpu_bf16_autocast(side):
+    """oneDNN's bf16 weight gradient of a 3x3x3 convolution over a side of 2 is wrong on AVX512-BF16
+    CPUs (networks/precision.py); the guarded convolution computes exactly what it computes in float32."""
     from networks.decoder import residual_block
-    from networks.precision import float32_on_cpu
+    from networks.precision import float32_on_small_maps
 
     torch.manual_seed(0)
-    block = float32_on_cpu(residual_block(16, 8)).to(memory_format=torch.channels_last_3d)
-    x = torch.randn(1, 16, 2, 2, 2).to(memory_format=torch.channels_last_3d)
-    upstream = torch.randn(1, 8, 2, 2, 2)
+    conv = float32_on_small_maps(nn.Conv3d(16, 8, 3, padding=1)).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 16, *side).to(memory_format=torch.channels_last_3d)
+    upstream = torch.randn(1, 8, *side)
     grads = []
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = block(x)
+            out = conv(x.bfloat16() if autocast else x)  # a bf16 input, as from the layer before
         assert out.dtype == torch.float32
-        grads.append(torch.autograd.grad((out * upstream).sum(), list(block.parameters())))
-    for plain, autocast in zip(*grads, strict=True):
-        assert torch.allclose(plain, autocast, rtol=1e-5, atol=1e-7)
-    assert list(block.state_dict()) == list(residual_block(16, 8).state_dict())  # names unchanged
+        grads.append(torch.autograd.grad((out * upstream).sum(), [conv.weight, conv.bias]))
+    x_bf16 = x.bfloat16().float()
+    expected = torch.autograd.grad((conv(x_bf16) * upstream).sum(), [conv.weight, conv.bias])
+    for autocast, exact in zip(grads[1], expected, strict=True):
+        assert torch.allclose(autocast, exact, rtol=1e-5, atol=1e-6)
+    guarded_block = float32_on_small_maps(residual_block(16, 8))
+    assert list(guarded_block.state_dict()) == list(residual_block(16, 8).state_dict())  # names unchanged
 
 
-def test_the_2_voxel_bottlenecks_run_in_float32_under_cpu_bf16_autocast():
+def test_convolutions_off_2_voxel_maps_and_1x1x1_convolutions_keep_bf16_under_cpu_autocast():
+    from networks.precision import float32_on_small_maps
+
+    guarded = float32_on_small_maps(nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.Conv3d(4, 4, 1)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert guarded[0](torch.randn(1, 4, 3, 4, 4)).dtype == torch.bfloat16  # no side of 2
+        assert guarded[0](torch.randn(1, 4, 2, 4, 4)).dtype == torch.float32
+        assert guarded[1](torch.randn(1, 4, 2, 2, 2)).dtype == torch.bfloat16  # 1x1x1: right in bf16
+    assert guarded[0](torch.randn(1, 4, 2, 2, 2)).dtype == torch.float32  # autocast off: unchanged
+
+
+@pytest.mark.parametrize("size", [(64, 64, 64), (96, 64, 128)])
+def test_every_convolution_on_a_2_voxel_map_runs_in_float32_under_cpu_bf16_autocast(size):
+    """A 64-voxel side is 2 voxels at 1/32 (the bottlenecks): every 3x3x3 convolution there runs in
+    float32 and every other one in bf16, in both networks."""
     from networks.reference_net import ReferenceNet
 
     network = PromptSegNet(**TINY_NETWORK)
     reference = ReferenceNet(3, (4, 4, 8, 8, 16, 16))
-    outputs = {}
-    network.decoder.bottleneck.register_forward_hook(lambda m, i, o: outputs.setdefault("ours", o))
-    reference.unet.bottleneck.register_forward_hook(lambda m, i, o: outputs.setdefault("reference", o))
+    seen: list[tuple[tuple[int, ...], torch.dtype]] = []
+    for module in [*network.modules(), *reference.modules()]:
+        if isinstance(module, nn.Conv3d) and max(module.kernel_size) > 1:
+            module.register_forward_hook(lambda m, i, o: seen.append((tuple(i[0].shape[2:]), o.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        network(torch.rand(1, 1, 64, 64, 64), torch.randn(2, network.embedding_dim), torch.zeros(2, dtype=torch.long))
-        reference(
-            torch.rand(1, 1, 64, 64, 64), F.one_hot(torch.tensor([0, 2]), 3).float(), torch.zeros(2, dtype=torch.long)
+        network(
+            torch.rand(1, 1, *size),
+            torch.randn(2, network.embedding_dim),
+            torch.zeros(2, dtype=torch.long),
         )
-    assert outputs["ours"].shape[2:] == outputs["reference"].shape[2:] == (2, 2, 2)
-    assert outputs["ours"].dtype == outputs["reference"].dtype == torch.float32
+        reference(
+            torch.rand(1, 1, *size),
+            F.one_hot(torch.tensor([0, 2]), 3).float(),
+            torch.zeros(2, dtype=torch.long),
+        )
+    on_2_voxels = [dtype for side, dtype in seen if 2 in side]
+    elsewhere = [dtype for side, dtype in seen if 2 not in side]
+    assert len(on_2_voxels) >= 3 and set(on_2_voxels) == {torch.float32}
+    assert elsewhere and set(elsewhere) == {torch.bfloat16}
