@@ -29,7 +29,13 @@ NETWORK_ARGS = (
     "window_size",
 )
 # absent from older checkpoints: their values there
-OPTIONAL_NETWORK_ARGS = {"level_conditioning": False, "head_hidden": 0, "input_offset": 0.0, "route_head": False}
+OPTIONAL_NETWORK_ARGS = {
+    "level_conditioning": False,
+    "head_hidden": 0,
+    "input_offset": 0.0,
+    "route_head": False,
+    "input_windows": [],
+}
 TEXT_ARGS = ("text_encoder", "text_encoder_weights", "clip_model", "prompt_template")
 
 
@@ -130,14 +136,22 @@ def load_reference(path: str | Path, checkpoint: dict) -> LoadedModel:
     if not prompts or "filters" not in hparams:
         raise CheckpointError(f"checkpoint {path} is a reference checkpoint without its prompts or filters")
     offset = float(hparams.get("input_offset", OPTIONAL_NETWORK_ARGS["input_offset"]))
+    windows = hparams.get("input_windows", OPTIONAL_NETWORK_ARGS["input_windows"])
     deep = int(hparams.get("deep_supervision", 0))  # its heads are unused at inference, but stored
-    network = ReferenceNet(len(prompts), tuple(hparams["filters"]), input_offset=offset, deep_supervision=deep)
+    network = ReferenceNet(
+        len(prompts), tuple(hparams["filters"]), input_offset=offset, deep_supervision=deep, input_windows=windows
+    )
     state = network_state(checkpoint)
     check_state(network, state, path)
     network.load_state_dict(state)
     return LoadedModel(
         network.eval(),
-        {"architecture": "reference", "filters": list(hparams["filters"]), "input_offset": offset},
+        {
+            "architecture": "reference",
+            "filters": list(hparams["filters"]),
+            "input_offset": offset,
+            "input_windows": windows,
+        },
         dict(checkpoint.get("prompt_embeddings", {})),
         dict(checkpoint.get("preprocessing", {})),
         {},
@@ -171,6 +185,7 @@ def load_model(path: str | Path) -> LoadedModel:
         args["head_hidden"],
         args["input_offset"],
         route_head=args["route_head"],
+        input_windows=args["input_windows"],
     )
     embeddings = load_network_weights(network, path)
     return LoadedModel(

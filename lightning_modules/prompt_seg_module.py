@@ -40,6 +40,9 @@ class PromptSegModule(VolumeValidation):
             alone, the paper); see ``networks/prompt_seg_net.py``.
         input_offset: subtracted from the windowed image, centring soft tissue near 0 so that
             bfloat16 keeps its contrast (see ``networks/prompt_seg_net.py``).
+        input_windows: (level, width) in HU of extra input channels, the image re-windowed, e.g.
+            ``[[40, 400]]`` for the abdominal soft-tissue window (``networks/intensity.py``); empty:
+            the data's one window (the paper).
         channels_last: convolution weights (and so activations) in channels-last 3D memory format:
             the same network, about twice as fast a training step on CPU (``benchmarks/cpu_step.py``).
         compile: compile the encoder, the shared decoder blocks and every sub-pathway with
@@ -108,6 +111,7 @@ class PromptSegModule(VolumeValidation):
         head_hidden: int = 0,
         route_head: bool = False,
         input_offset: float = 0.5,
+        input_windows: tuple[tuple[float, float], ...] = (),
         channels_last: bool = True,
         compile: bool = False,
         encoder_depths: tuple[int, ...] = (2, 2, 2, 2),
@@ -173,6 +177,7 @@ class PromptSegModule(VolumeValidation):
             deep_supervision=deep_supervision,
             channels_last=channels_last,
             route_head=route_head,
+            input_windows=input_windows,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
         self.phase = 1

@@ -21,6 +21,7 @@ class ReferenceModule(VolumeValidation):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         input_offset: subtracted from the windowed image (see ``networks/prompt_seg_net.py``).
+        input_windows: (level, width) in HU of extra input channels (``networks/intensity.py``).
         channels_last: convolution weights in channels-last 3D memory format (faster on CPU).
         cldice_weight: weight of the soft-clDice term on tubular tasks.
         focal_gamma: 0 for Dice + binary cross-entropy; above 0, the cross-entropy is the focal
@@ -45,6 +46,7 @@ class ReferenceModule(VolumeValidation):
         weight_decay: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         input_offset: float = 0.5,
+        input_windows: tuple[tuple[float, float], ...] = (),
         channels_last: bool = True,
         cldice_weight: float = 0.5,
         focal_gamma: float = 0.0,
@@ -74,7 +76,9 @@ class ReferenceModule(VolumeValidation):
                 input_offset=self.hparams.input_offset,
                 channels_last=self.hparams.channels_last,
                 deep_supervision=self.hparams.deep_supervision,
+                input_windows=self.hparams.input_windows,
             )
+            self.adopt_data_window()
 
     @property
     def prompt_embeddings(self) -> dict[str, torch.Tensor]:

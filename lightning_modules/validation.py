@@ -58,6 +58,13 @@ class VolumeValidation(L.LightningModule):
         if self.datamodule is not None:
             self.datamodule.setup(stage)
             self.tubular = {t.prompt: t.tubular for t in self.datamodule.tasks}
+            self.adopt_data_window()
+
+    def adopt_data_window(self) -> None:
+        """Extra input windows (``networks/intensity.py``) are computed from the data's own window."""
+        window_channels = getattr(getattr(self, "network", None), "window_channels", None)
+        if window_channels is not None and self.datamodule is not None:
+            window_channels.adopt(self.datamodule.preprocessing)
 
     def supervised_losses(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The training loss terms and their sum ``loss`` (``losses.segmentation_loss``) with this

@@ -14,6 +14,7 @@ from networks.conditioning import PromptProjection
 from networks.decoder import RoutedDecoder
 from networks.encoder import SwinEncoder
 from networks.head import PlainHead, PromptConditionedHead
+from networks.intensity import WindowChannels
 from networks.precision import float32_on_small_maps
 
 DIVISOR = 32  # patch embedding (2) and four patch mergings: the coarsest map is 1/32 of the input
@@ -79,6 +80,8 @@ class PromptSegNet(nn.Module):
             convolution runs (and returns) channels-last: the same network and values, but
             oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster
             (``benchmarks/cpu_step.py``).
+        input_windows: (level, width) in HU of extra input channels, the image re-windowed
+            (``networks/intensity.py``); empty: the one window of the data (the paper).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class PromptSegNet(nn.Module):
         deep_supervision: int = 0,
         channels_last: bool = True,
         route_head: bool = False,
+        input_windows: Sequence[Sequence[float]] = (),
     ) -> None:
         super().__init__()
         if head_hidden < 0 or (head_hidden and not prompt_head):
@@ -107,6 +111,8 @@ class PromptSegNet(nn.Module):
         self.embedding_dim = embedding_dim
         self.input_offset = input_offset
         self.register_buffer("prompt_centre", torch.zeros(embedding_dim))
+        self.window_channels = WindowChannels(input_windows) if input_windows else None
+        in_channels *= 1 + len(input_windows)
         self.encoder = SwinEncoder(in_channels, feature_size, encoder_depths, window_size=window_size)
         encoder_channels = self.encoder.out_channels
         skip_channels = [encoder_channels[4], *encoder_channels[3::-1], in_channels]
@@ -186,6 +192,8 @@ class PromptSegNet(nn.Module):
             image_index = torch.arange(image.shape[0], device=image.device)
         prompt_embedding = self.condition(prompt_embedding)
         size = image.shape[2:]
+        if self.window_channels is not None:
+            image = self.window_channels(image)
         padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset
         hidden = self.encoder(padded)
         skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]

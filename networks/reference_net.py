@@ -16,6 +16,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from networks.head import prior_bias
+from networks.intensity import WindowChannels
 from networks.precision import float32_on_small_maps
 from networks.prompt_seg_net import DIVISOR, MIN_SIZE, NetworkOutput, _pad_to_multiple
 
@@ -32,6 +33,7 @@ class ReferenceNet(nn.Module):
             :class:`~networks.prompt_seg_net.PromptSegNet`: same values, faster on CPU).
         deep_supervision: coarser decoder levels (1/2, 1/4, ...) with an output head of their
             own, whose logits training also supervises (nnU-Net's deep supervision; 0: none).
+        input_windows: (level, width) in HU of extra input channels (``networks/intensity.py``).
     """
 
     def __init__(
@@ -42,15 +44,17 @@ class ReferenceNet(nn.Module):
         input_offset: float = 0.5,
         channels_last: bool = True,
         deep_supervision: int = 0,
+        input_windows: Sequence[Sequence[float]] = (),
     ):
         super().__init__()
         if num_tasks < 1 or len(filters) != 6:
             raise ValueError(f"num_tasks >= 1 and six filters required, got {num_tasks} and {list(filters)}")
         self.num_tasks = num_tasks
         self.input_offset = input_offset
+        self.window_channels = WindowChannels(input_windows) if input_windows else None
         self.unet = DynUNet(
             3,
-            in_channels,
+            in_channels * (1 + len(input_windows)),
             num_tasks,
             kernel_size=[3] * 6,
             strides=[1, 2, 2, 2, 2, 2],
@@ -84,6 +88,8 @@ class ReferenceNet(nn.Module):
         if image_index is None:
             image_index = torch.arange(image.shape[0], device=image.device)
         size = image.shape[2:]
+        if self.window_channels is not None:
+            image = self.window_channels(image)
         output = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)
         output = output[(..., *(slice(0, s) for s in size))]
         channels = self.channels(prompt_embedding).to(image_index.device)

@@ -830,6 +830,26 @@ def test_centre_prompts_stores_the_mean_task_embedding_and_older_checkpoints_res
     assert torch.equal(resumed.network.prompt_centre, torch.zeros_like(expected))
 
 
+@pytest.mark.parametrize("architecture", ["routed", "reference"])
+def test_input_windows_read_the_data_window_and_segment_py_gets_it_from_the_checkpoint(
+    architecture, phantom_registry, tmp_path
+):
+    """A data window other than the paper's: the extra channel still reads HU, in training and from the file."""
+    from lightning_modules.reference import ReferenceModule
+
+    windows = ((40.0, 400.0),)
+    if architecture == "routed":
+        model = module(input_windows=windows, joint_epochs=1, path_epochs=0)
+    else:
+        model = ReferenceModule(filters=(4, 4, 8, 8, 16, 16), input_windows=windows, sw_roi=64, sw_batch_size=1)
+    data = data_module(phantom_registry, tmp_path / "cache", window_level=50.0, window_width=1500.0)
+    trainer(tmp_path, 1).fit(model, data)
+    assert torch.equal(model.network.window_channels.source_window, torch.tensor([50.0, 1500.0]))
+    loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.equal(loaded.network.window_channels.source_window, torch.tensor([50.0, 1500.0]))
+    assert loaded.preprocessing["window_width"] == 1500.0
+
+
 def test_centre_prompts_leaves_a_single_task_prompt_uncentred(fewshot_registry, tmp_path):
     """The mean of one prompt is that prompt: subtracting it would hand routers and heads a zero vector."""
     model = module(centre_prompts=True, joint_epochs=1, path_epochs=0)
