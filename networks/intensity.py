@@ -25,23 +25,23 @@ class WindowChannels(nn.Module):
     stored with the weights.
 
     Args:
-        windows: (level, width) in HU of each extra channel, each clipped and scaled to 0..1.
-        source_window: (level, width) in HU of the window the image arrives in.
+        windows: (level, width) in HU of each extra channel, each clipped and scaled to 0..1 as the
+            data's own window is (``Preprocessing.window``).
     """
 
-    def __init__(self, windows: Sequence[Sequence[float]], source_window: Sequence[float] = (0.0, 1800.0)) -> None:
+    def __init__(self, windows: Sequence[Sequence[float]]) -> None:
         super().__init__()
-        self.windows = [(float(level), float(width)) for level, width in windows]
-        if not self.windows or any(width <= 0 for _, width in self.windows):
+        if not windows or any(width <= 0 for _, width in windows):
             raise ValueError(f"input windows must be one or more (level, width) with width > 0, got {windows}")
-        self.register_buffer("source_window", torch.tensor([float(v) for v in source_window]))
+        self.windows = [Preprocessing(window_level=level, window_width=width) for level, width in windows]
+        paper = Preprocessing()  # until ``adopt`` names the data's window
+        self.register_buffer("source_window", torch.tensor([paper.window_level, paper.window_width]))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) in the source window -> (B, C * (1 + windows), ...)."""
         level, width = self.source_window.to(image.dtype)
         hu = image * width + (level - width / 2)
-        extra = [((hu - (centre - span / 2)) / span).clamp(0, 1) for centre, span in self.windows]
-        return torch.cat([image, *extra], dim=1)
+        return torch.cat([image, *(window.window(hu).to(image.dtype) for window in self.windows)], dim=1)
 
     @torch.no_grad()
     def adopt(self, preprocessing: Preprocessing) -> None:

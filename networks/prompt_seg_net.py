@@ -192,9 +192,7 @@ class PromptSegNet(nn.Module):
             image_index = torch.arange(image.shape[0], device=image.device)
         prompt_embedding = self.condition(prompt_embedding)
         size = image.shape[2:]
-        if self.window_channels is not None:
-            image = self.window_channels(image)
-        padded = _pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset
+        padded = network_input(image, self.window_channels, self.input_offset)
         hidden = self.encoder(padded)
         skips = [hidden[4], hidden[3], hidden[2], hidden[1], hidden[0], padded]
         router_logits, weights = self.decoder.route_weights(prompt_embedding)
@@ -223,6 +221,14 @@ class PromptSegNet(nn.Module):
 def standardise(prompt_embedding: torch.Tensor) -> torch.Tensor:
     """Zero mean and unit variance over the features of each embedding (layer norm, no parameters)."""
     return F.layer_norm(prompt_embedding, prompt_embedding.shape[-1:])
+
+
+def network_input(image: torch.Tensor, window_channels: WindowChannels | None, input_offset: float) -> torch.Tensor:
+    """What the first layer reads: the extra windows' channels (if any) beside the image, zero-padded
+    to sides of a multiple of 32 (at least 64), less the input offset."""
+    if window_channels is not None:
+        image = window_channels(image)
+    return _pad_to_multiple(image, DIVISOR, MIN_SIZE) - input_offset
 
 
 def _pad_to_multiple(image: torch.Tensor, divisor: int, minimum: int) -> torch.Tensor:

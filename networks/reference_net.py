@@ -18,7 +18,7 @@ from torch import nn
 from networks.head import prior_bias
 from networks.intensity import WindowChannels
 from networks.precision import float32_on_small_maps
-from networks.prompt_seg_net import DIVISOR, MIN_SIZE, NetworkOutput, _pad_to_multiple
+from networks.prompt_seg_net import NetworkOutput, network_input
 
 
 class ReferenceNet(nn.Module):
@@ -88,9 +88,7 @@ class ReferenceNet(nn.Module):
         if image_index is None:
             image_index = torch.arange(image.shape[0], device=image.device)
         size = image.shape[2:]
-        if self.window_channels is not None:
-            image = self.window_channels(image)
-        output = self.unet(_pad_to_multiple(image, DIVISOR, MIN_SIZE) - self.input_offset)
+        output = self.unet(network_input(image, self.window_channels, self.input_offset))
         output = output[(..., *(slice(0, s) for s in size))]
         channels = self.channels(prompt_embedding).to(image_index.device)
         if output.dim() == 5:  # without deep supervision (or in eval): the final level alone
