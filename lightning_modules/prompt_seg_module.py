@@ -72,11 +72,6 @@ class PromptSegModule(VolumeValidation):
             every level (one decoder learns from every task, as the sole path does); at their end each
             level's other candidates become copies of it and the routers choose again. 0 is the paper's
             training.
-        route_settle_epochs: the last phase-1 epochs train with every route fixed at its router's choice
-            (routers frozen, Gumbel noise off) while the rest of the network trains on, so that no
-            route changes in the epochs before phase 2 keeps it (a route changed there hands a task
-            to a sub-pathway that has not learned it, with no time left to learn it); 0: routes may
-            change until phase 2 (the paper).
         separation_weight: weight of the term that keeps two prompts of one image whose targets
             differ off one whole route (``networks/routing.py``), phase 1; 0 is the paper's loss.
         router_lr_scale: the routers' learning rate as a fraction of ``lr``. Below 1, routes change
@@ -137,7 +132,6 @@ class PromptSegModule(VolumeValidation):
         gumbel_noise_end: float = 0.0,
         balance_weight: float = 0.01,
         shared_start_epochs: int = 0,
-        route_settle_epochs: int = 0,
         separation_weight: float = 0.0,
         router_lr_scale: float = 1.0,
         cldice_weight: float = 0.5,
@@ -161,11 +155,6 @@ class PromptSegModule(VolumeValidation):
         if not 0 <= shared_start_epochs <= joint_epochs:
             raise ValueError(
                 f"model.shared_start_epochs={shared_start_epochs} must lie in 0..joint_epochs ({joint_epochs})"
-            )
-        if not 0 <= route_settle_epochs <= joint_epochs - shared_start_epochs:
-            raise ValueError(
-                f"model.route_settle_epochs={route_settle_epochs} must lie in 0..joint_epochs - shared_start_epochs"
-                f" ({joint_epochs - shared_start_epochs})"
             )
         self._embedder: PromptEmbedder | None = None
         self.save_hyperparameters()  # before ``self.embedder``, which reads the text encoder settings
@@ -237,19 +226,11 @@ class PromptSegModule(VolumeValidation):
         prompt = self.hparams.finetune_prompt
         self.network = self.network.trimmed(self.embed([prompt])).train()
         self.network.encoder.requires_grad_(False)
-        self.settle_routes()
-        self.phase = 0
-        self.task_routes = {prompt: tuple(self.network.routes(self.embed([prompt]))[0].tolist())}
-
-    def settle_routes(self) -> None:
-        """Fix every prompt's route at its router's choice and stop training the routers."""
         for pathway in self.network.pathways:
             pathway.router.requires_grad_(False)
             pathway.fixed_routes = True
-
-    @property
-    def routes_settled(self) -> bool:
-        return self.phase != 1 or self.current_epoch >= self.hparams.joint_epochs - self.hparams.route_settle_epochs
+        self.phase = 0
+        self.task_routes = {prompt: tuple(self.network.routes(self.embed([prompt]))[0].tolist())}
 
     def enter_path_phase(self) -> None:
         """Phase 2: fix the routes and train only the sub-pathways the tasks select."""
@@ -275,8 +256,6 @@ class PromptSegModule(VolumeValidation):
             self.network.set_routing_schedule(
                 start * (end / start) ** progress, noise_start + (noise_end - noise_start) * progress
             )
-        if self.phase == 1 and self.routes_settled:
-            self.settle_routes()
         self.log("train/phase", float(self.phase))
 
     def on_train_epoch_end(self) -> None:
@@ -316,11 +295,11 @@ class PromptSegModule(VolumeValidation):
             loss = losses["deep_supervised"] = self.deep_supervised_loss(loss, output.deep_logits, batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(batch["prompts"]))
-        if not self.routes_settled and self.hparams.balance_weight > 0 and self.hparams.num_paths > 1:
+        if self.phase == 1 and self.hparams.balance_weight > 0 and self.hparams.num_paths > 1:
             balance = torch.stack([balance_loss(logits) for logits in output.router_logits]).mean()
             loss = loss + self.hparams.balance_weight * balance
             self.log("train/balance", balance, batch_size=len(batch["prompts"]))
-        if not self.routes_settled and self.hparams.separation_weight > 0 and self.hparams.num_paths > 1:
+        if self.phase == 1 and self.hparams.separation_weight > 0 and self.hparams.num_paths > 1:
             separation = route_separation_loss(output.router_logits, batch["masks"], batch["image_index"])
             loss = loss + self.hparams.separation_weight * separation
             self.log("train/route_separation", separation, batch_size=len(batch["prompts"]))

@@ -809,44 +809,6 @@ def test_shared_start_trains_candidate_zero_then_copies_it_to_every_candidate(ph
     assert moved, "after the shared start no candidate but 0 was trained: the routers did not choose again"
 
 
-class ParameterSnapshots(L.Callback):
-    """The routers' and the encoder's parameters at the start and end of every training epoch."""
-
-    def __init__(self) -> None:
-        self.states: list[tuple[int, str, dict[str, torch.Tensor]]] = []
-
-    def _snapshot(self, trainer: L.Trainer, module: PromptSegModule, when: str) -> None:
-        state = {k: v.clone() for k, v in module.network.state_dict().items() if ".router." in k or "encoder." in k}
-        self.states.append((trainer.current_epoch, when, state))
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: PromptSegModule) -> None:
-        self._snapshot(trainer, module, "start")
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: PromptSegModule) -> None:
-        self._snapshot(trainer, module, "end")
-
-
-def test_route_settle_epochs_freeze_the_routers_but_not_the_rest_before_phase_two(phantom_registry, tmp_path):
-    L.seed_everything(0)
-    model = module(joint_epochs=3, path_epochs=0, route_settle_epochs=1, gumbel_noise_start=1.0, gumbel_noise_end=1.0)
-    snapshots = ParameterSnapshots()
-    trainer(tmp_path, 3, callbacks=[snapshots]).fit(model, data_module(phantom_registry, tmp_path / "cache"))
-
-    def changed(epoch: int, part: str) -> bool:
-        start, end = (s for e, _, s in snapshots.states if e == epoch)
-        return any(not torch.equal(start[k], end[k]) for k in start if part in k)
-
-    assert changed(0, ".router.") and changed(1, ".router."), "the routers learn before the settling epochs"
-    assert not changed(2, ".router."), "a router changed in a settling epoch"
-    assert changed(2, "encoder."), "the rest of the network must train on while the routes settle"
-    assert all(pathway.fixed_routes for pathway in model.network.pathways)
-
-
-def test_route_settling_longer_than_the_joint_phase_after_the_shared_start_is_refused():
-    with pytest.raises(ValueError, match="route_settle_epochs=2 must lie in 0..joint_epochs - shared_start_epochs"):
-        module(joint_epochs=3, shared_start_epochs=2, route_settle_epochs=2)
-
-
 def test_centre_prompts_stores_the_mean_task_embedding_and_older_checkpoints_resume_uncentred(
     phantom_registry, tmp_path
 ):
