@@ -61,14 +61,21 @@ class Augmentation:
 
 
 def task_probabilities(
-    sizes: list[int], size_exponent: float, fractions: list[float] | None = None, rarity_exponent: float = 0.0
+    sizes: list[int],
+    size_exponent: float,
+    fractions: list[float] | None = None,
+    rarity_exponent: float = 0.0,
+    dataset_weights: list[float] | None = None,
 ) -> np.ndarray:
     """Task sampling weights proportional to ``size ** size_exponent`` (0: uniform, 1: by size), times
     ``fraction ** -rarity_exponent`` where ``fractions`` give each task's share of its volumes' voxels
-    (small structures sampled more often; floored at one voxel in a million)."""
+    (small structures sampled more often; floored at one voxel in a million), times each task's data
+    set weight (``dataset_weights``, one per task)."""
     weights = np.asarray(sizes, dtype=float) ** size_exponent
     if fractions is not None:
         weights *= np.maximum(np.asarray(fractions, dtype=float), 1e-6) ** -rarity_exponent
+    if dataset_weights is not None:
+        weights *= np.asarray(dataset_weights, dtype=float)
     return weights / weights.sum()
 
 
@@ -106,7 +113,8 @@ class TrainingPatches(Dataset):
         if module.rarity_exponent:
             shares = {dataset: module.label_shares(dataset_cases) for dataset, dataset_cases in cases.items()}
             fractions = [sum(shares[t.dataset].get(v, 0.0) for v in t.label_values) for t in self.tasks]
-        self.probabilities = task_probabilities(sizes, module.size_exponent, fractions, module.rarity_exponent)
+        weights = [module.dataset_weights.get(t.dataset, 1.0) for t in self.tasks]
+        self.probabilities = task_probabilities(sizes, module.size_exponent, fractions, module.rarity_exponent, weights)
         self.epoch = 0
         self.augment = module.augmentation.transform() if module.augment else None
 
@@ -205,6 +213,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             the task's share of its training volumes' voxels: 0 ignores size; 0.5 samples a structure
             of 1/10,000 of the volume 31.6x as often as one of a tenth (lesions and thin vessels seen in
             more patches; the organs still appear around them).
+        dataset_weights: task sampling weight also times its data set's weight here (registry names;
+            data sets not named weigh 1). Each patch supervises up to ``prompts_per_image`` tasks of its
+            data set, so this sets how many patches a data set's tasks learn from: e.g. ``{PhantomLesions:
+            2.0}`` gives the lesion phantoms 10 of 22 patches instead of 5 of 17. A name not among the
+            data sets in use is reported and ignored (the quickstart config on another registry).
         validation_fraction: share of each data set's cases held out (at least one).
         split_file: JSON ``{dataset: {"train": [...], "val": [...]}}`` overriding the seeded split.
         augment: apply the paper's augmentation to training patches.
@@ -233,6 +246,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         foreground_fraction: float = 0.67,
         size_exponent: float = 0.5,
         rarity_exponent: float = 0.0,
+        dataset_weights: dict[str, float] | None = None,
         validation_fraction: float = 0.2,
         split_file: str | None = None,
         augment: bool = True,
@@ -265,6 +279,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.foreground_fraction = foreground_fraction
         self.size_exponent = size_exponent
         self.rarity_exponent = rarity_exponent
+        self.dataset_weights = dict(dataset_weights or {})
+        if any(not w > 0 for w in self.dataset_weights.values()):
+            raise ValueError(f"data.dataset_weights must all be positive, got {self.dataset_weights}")
         self.validation_fraction = validation_fraction
         self.split_file = split_file
         self.augment = augment
@@ -300,6 +317,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             entries = [e for e in entries if e.name in self.only_datasets]
         if not entries:
             raise ValueError(f"data registry {self.registry}: no data sets selected")
+        unknown = sorted(set(self.dataset_weights) - {e.name for e in entries})
+        if unknown:
+            log.warning(
+                "data.dataset_weights: %s not among the data sets of %s in use, ignored", unknown, self.registry
+            )
         self.entries = entries
         self._validate_cases()
         self._split()

@@ -349,6 +349,39 @@ def test_rarity_exponent_samples_the_lesion_more_often_than_its_organ(phantom_da
     assert rarity.probabilities[tumour] / rarity.probabilities[liver] == pytest.approx(ratio)
 
 
+def test_task_probabilities_times_each_tasks_data_set_weight():
+    assert np.allclose(task_probabilities([4, 4, 4], 0.0, dataset_weights=[1.0, 1.0, 2.0]), [0.25, 0.25, 0.5])
+    assert np.allclose(task_probabilities([1, 9, 9], 1.0, dataset_weights=[3.0, 1.0, 1.0]), [3 / 21, 9 / 21, 9 / 21])
+
+
+def test_dataset_weights_raise_one_data_sets_share_of_the_patches(phantom_data, monkeypatch):
+    monkeypatch.setattr(phantom_data, "dataset_weights", {"PhantomLesions": 3.0})
+    weighted = TrainingPatches(phantom_data, phantom_data.train_cases)
+    lesions = np.array([t.dataset == "PhantomLesions" for t in weighted.tasks])
+    share = 3.0 * lesions.sum() / (3.0 * lesions.sum() + (~lesions).sum())
+    assert weighted.probabilities[lesions].sum() == pytest.approx(share)
+    assert np.allclose(weighted.probabilities[~lesions], weighted.probabilities[~lesions][0])
+    lesion_prompts = {t.prompt for t in phantom_data.tasks_of("PhantomLesions")}
+    drawn = [set(weighted[i]["prompts"]) <= lesion_prompts for i in range(120)]  # the lesions' own sets
+    uniform = lesions.sum() / len(lesions)
+    assert abs(np.mean(drawn) - share) < 0.15 and np.mean(drawn) > uniform + 0.1
+
+
+def test_a_non_positive_dataset_weight_is_an_error_and_an_unknown_name_a_warning(phantom_registry, tmp_path, caplog):
+    with pytest.raises(ValueError, match="must all be positive"):
+        MultiTaskDataModule(registry=str(phantom_registry), dataset_weights={"PhantomLesions": 0.0})
+    data = MultiTaskDataModule(
+        registry=str(phantom_registry),
+        cache_dir=str(tmp_path),
+        spacing_candidates=(3.0,),
+        dataset_weights={"NoSuchSet": 2.0},
+    )
+    data.setup()
+    assert "['NoSuchSet'] not among the data sets" in caplog.text
+    patches = TrainingPatches(data, data.train_cases)
+    assert np.allclose(patches.probabilities, patches.probabilities[0])  # ignored: every task alike
+
+
 def test_samples_are_reproducible_per_epoch_and_index(phantom_data):
     dataset = TrainingPatches(phantom_data, phantom_data.train_cases)
     a, b = dataset[1], dataset[1]
