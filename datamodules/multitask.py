@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,17 +66,17 @@ def task_probabilities(
     size_exponent: float,
     fractions: list[float] | None = None,
     rarity_exponent: float = 0.0,
-    dataset_weights: list[float] | None = None,
+    task_weights: list[float] | None = None,
 ) -> np.ndarray:
     """Task sampling weights proportional to ``size ** size_exponent`` (0: uniform, 1: by size), times
     ``fraction ** -rarity_exponent`` where ``fractions`` give each task's share of its volumes' voxels
-    (small structures sampled more often; floored at one voxel in a million), times each task's data
-    set weight (``dataset_weights``, one per task)."""
+    (small structures sampled more often; floored at one voxel in a million), times ``task_weights``
+    (one per task: its data set's weight)."""
     weights = np.asarray(sizes, dtype=float) ** size_exponent
     if fractions is not None:
         weights *= np.maximum(np.asarray(fractions, dtype=float), 1e-6) ** -rarity_exponent
-    if dataset_weights is not None:
-        weights *= np.asarray(dataset_weights, dtype=float)
+    if task_weights is not None:
+        weights *= np.asarray(task_weights, dtype=float)
     return weights / weights.sum()
 
 
@@ -215,9 +216,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             more patches; the organs still appear around them).
         dataset_weights: task sampling weight also times its data set's weight here (registry names;
             data sets not named weigh 1). Each patch supervises up to ``prompts_per_image`` tasks of its
-            data set, so this sets how many patches a data set's tasks learn from: e.g. ``{PhantomLesions:
-            2.0}`` gives the lesion phantoms 10 of 22 patches instead of 5 of 17. A name not among the
-            data sets in use is reported and ignored (the quickstart config on another registry).
+            data set, so this sets how many patches a data set's tasks learn from: on the phantom
+            registry (6 + 6 + 5 tasks, equal case counts, no rarity exponent) ``{PhantomLesions: 2.0}``
+            draws the lesion phantoms for 10 of 22 patches on average instead of 5 of 17. A name not
+            among the data sets in use is reported and ignored (the quickstart config on another
+            registry). On the command line ``--data.dataset_weights '{A: 2.0}'`` replaces the config's
+            whole mapping; ``--data.dataset_weights.A 2.0`` adds or changes one entry.
         validation_fraction: share of each data set's cases held out (at least one).
         split_file: JSON ``{dataset: {"train": [...], "val": [...]}}`` overriding the seeded split.
         augment: apply the paper's augmentation to training patches.
@@ -280,8 +284,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.size_exponent = size_exponent
         self.rarity_exponent = rarity_exponent
         self.dataset_weights = dict(dataset_weights or {})
-        if any(not w > 0 for w in self.dataset_weights.values()):
-            raise ValueError(f"data.dataset_weights must all be positive, got {self.dataset_weights}")
+        if not all(math.isfinite(w) and w > 0 for w in self.dataset_weights.values()):
+            raise ValueError(f"data.dataset_weights must all be positive and finite, got {self.dataset_weights}")
         self.validation_fraction = validation_fraction
         self.split_file = split_file
         self.augment = augment

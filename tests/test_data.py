@@ -350,8 +350,8 @@ def test_rarity_exponent_samples_the_lesion_more_often_than_its_organ(phantom_da
 
 
 def test_task_probabilities_times_each_tasks_data_set_weight():
-    assert np.allclose(task_probabilities([4, 4, 4], 0.0, dataset_weights=[1.0, 1.0, 2.0]), [0.25, 0.25, 0.5])
-    assert np.allclose(task_probabilities([1, 9, 9], 1.0, dataset_weights=[3.0, 1.0, 1.0]), [3 / 21, 9 / 21, 9 / 21])
+    assert np.allclose(task_probabilities([4, 4, 4], 0.0, task_weights=[1.0, 1.0, 2.0]), [0.25, 0.25, 0.5])
+    assert np.allclose(task_probabilities([1, 9, 9], 1.0, task_weights=[3.0, 1.0, 1.0]), [3 / 21, 9 / 21, 9 / 21])
 
 
 def test_dataset_weights_raise_one_data_sets_share_of_the_patches(phantom_data, monkeypatch):
@@ -368,8 +368,9 @@ def test_dataset_weights_raise_one_data_sets_share_of_the_patches(phantom_data, 
 
 
 def test_a_non_positive_dataset_weight_is_an_error_and_an_unknown_name_a_warning(phantom_registry, tmp_path, caplog):
-    with pytest.raises(ValueError, match="must all be positive"):
-        MultiTaskDataModule(registry=str(phantom_registry), dataset_weights={"PhantomLesions": 0.0})
+    for weight in (0.0, float("inf")):
+        with pytest.raises(ValueError, match="must all be positive and finite"):
+            MultiTaskDataModule(registry=str(phantom_registry), dataset_weights={"PhantomLesions": weight})
     data = MultiTaskDataModule(
         registry=str(phantom_registry),
         cache_dir=str(tmp_path),
