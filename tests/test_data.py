@@ -367,13 +367,15 @@ def test_dataset_weights_raise_one_data_sets_share_of_the_patches(phantom_data, 
     assert abs(np.mean(drawn) - share) < 0.15 and np.mean(drawn) > uniform + 0.1
 
 
-def test_a_non_positive_dataset_weight_is_an_error_and_an_unknown_name_a_warning(phantom_registry, tmp_path, caplog):
+def test_a_non_positive_or_infinite_dataset_weight_is_an_error_and_an_unknown_name_a_warning(
+    phantom_registry, phantom_data, caplog
+):
     for weight in (0.0, float("inf")):
         with pytest.raises(ValueError, match="must all be positive and finite"):
             MultiTaskDataModule(registry=str(phantom_registry), dataset_weights={"PhantomLesions": weight})
     data = MultiTaskDataModule(
         registry=str(phantom_registry),
-        cache_dir=str(tmp_path),
+        cache_dir=str(phantom_data.cache.folder),  # the shared fixture's cache: nothing preprocessed again
         spacing_candidates=(3.0,),
         dataset_weights={"NoSuchSet": 2.0},
     )
