@@ -13,9 +13,11 @@ def dice_bce_loss(
     focal_gamma: float = 0.0,
     ce_top_fraction: float = 1.0,
     ce_balance: float = 0.0,
+    pair_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft Dice over the pairs whose target holds the structure, plus the voxel-mean binary
-    cross-entropy over every pair.
+    cross-entropy over every pair. Both are means over pairs, weighted by ``pair_weights`` (N,)
+    where given (``TaskPriorities``), else plain.
 
     A pair with an empty target (a lesion absent from the case, a structure outside the patch)
     takes no Dice term: its smoothed Dice ``smooth / (sum p + smooth)`` would push every voxel of
@@ -53,29 +55,41 @@ def dice_bce_loss(
     if focal_gamma > 0:
         p_true = probability * target + (1 - probability) * (1 - target)
         cross_entropy = (1 - p_true).pow(focal_gamma) * cross_entropy
-    cross_entropy = (
+    pair_cross_entropy = (
         balanced_mean(cross_entropy, target, ce_balance)
         if ce_balance > 0
         else hardest_mean(cross_entropy, ce_top_fraction)
     )
+    weights = torch.ones_like(pair_cross_entropy) if pair_weights is None else pair_weights.to(logits.device)
+    cross_entropy = weighted_mean(pair_cross_entropy, weights)
     if not present.any():
         return cross_entropy
-    p, g = probability[present], target[present]
-    soft_dice = (2 * (p * g).sum(dims) + smooth) / (p.sum(dims) + g.sum(dims) + smooth)
-    return (1 - soft_dice).mean() + cross_entropy
+    soft_dice = pair_soft_dice(probability[present], target[present], smooth)
+    return weighted_mean(1 - soft_dice, weights[present]) + cross_entropy
+
+
+def pair_soft_dice(probability: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice of each pair (N,) of probabilities and targets (N, 1, D, H, W)."""
+    dims = tuple(range(1, probability.dim()))
+    return (2 * (probability * target).sum(dims) + smooth) / (probability.sum(dims) + target.sum(dims) + smooth)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(weights * values) / sum(weights)`` over the pairs."""
+    return (weights * values).sum() / weights.sum()
 
 
 def hardest_mean(voxel_losses: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean over each pair's ``fraction`` largest voxel losses (all voxels when ``fraction`` is 1)."""
-    if fraction >= 1.0:
-        return voxel_losses.mean()
+    """Each pair's mean (N,) over its ``fraction`` largest voxel losses (all voxels when ``fraction`` is 1)."""
     flat = voxel_losses.flatten(1)
+    if fraction >= 1.0:
+        return flat.mean(1)
     k = max(1, int(round(fraction * flat.shape[1])))
-    return flat.topk(k, dim=1, sorted=False).values.mean()
+    return flat.topk(k, dim=1, sorted=False).values.mean(1)
 
 
 def balanced_mean(voxel_losses: torch.Tensor, target: torch.Tensor, balance: float = 1.0) -> torch.Tensor:
-    """Mean over pairs of: ``s`` times the foreground voxels' mean loss plus ``1 - s`` times the
+    """Each pair's (N,) ``s`` times its foreground voxels' mean loss plus ``1 - s`` times its
     background voxels', ``s = f**(1-balance) / (f**(1-balance) + (1-f)**(1-balance))`` with ``f`` the
     foreground fraction, where the target holds both classes; the plain voxel mean where it holds one."""
     dims = tuple(range(1, target.dim()))
@@ -85,7 +99,7 @@ def balanced_mean(voxel_losses: torch.Tensor, target: torch.Tensor, balance: flo
     weight_f, weight_b = (foreground / voxels) ** (1 - balance), (background / voxels) ** (1 - balance)
     share = weight_f / (weight_f + weight_b).clamp(min=1e-12)
     balanced = target * share / foreground.clamp(min=1) + (1 - target) * (1 - share) / background.clamp(min=1)
-    return (voxel_losses * torch.where(both, balanced, 1.0 / voxels)).sum(dims).mean()
+    return (voxel_losses * torch.where(both, balanced, 1.0 / voxels)).sum(dims)
 
 
 # A voxel's neighbours along each axis (depth, height, width), in max pooling's scan order.
@@ -165,18 +179,23 @@ def soft_skeleton(x: torch.Tensor, iterations: int = 5) -> torch.Tensor:
     return skeleton
 
 
-def soft_cl_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - soft clDice`` averaged over the pairs (N, 1, D, H, W) whose target is not empty
-    (empty pairs: 0, as for the Dice term)."""
+def soft_cl_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, pair_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1 - soft clDice`` averaged (weighted by ``pair_weights`` where given) over the pairs
+    (N, 1, D, H, W) whose target is not empty (empty pairs: 0, as for the Dice term)."""
     present = target.sum(tuple(range(1, target.dim()))) > 0
     if not present.any():
         return logits.sum() * 0.0
+    weights = torch.ones(len(logits), device=logits.device) if pair_weights is None else pair_weights
     probability, target = torch.sigmoid(logits[present]), target[present]
     dims = tuple(range(1, logits.dim()))
     skeleton_p, skeleton_g = soft_skeleton(probability), soft_skeleton(target)
     precision = ((skeleton_p * target).sum(dims) + smooth) / (skeleton_p.sum(dims) + smooth)
     sensitivity = ((skeleton_g * probability).sum(dims) + smooth) / (skeleton_g.sum(dims) + smooth)
-    return (1 - 2 * precision * sensitivity / (precision + sensitivity)).mean()
+    return weighted_mean(
+        1 - 2 * precision * sensitivity / (precision + sensitivity), weights[present].to(logits.device)
+    )
 
 
 def segmentation_loss(
@@ -187,20 +206,27 @@ def segmentation_loss(
     focal_gamma: float = 0.0,
     ce_top_fraction: float = 1.0,
     ce_balance: float = 0.0,
+    pair_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Dice + BCE (focal with ``focal_gamma`` > 0, over the hardest ``ce_top_fraction`` of voxels,
     with the foreground's share raised by ``ce_balance``) on every pair, plus ``cldice_weight`` times soft clDice on
-    the tubular pairs.
+    the tubular pairs; every term a mean over pairs weighted by ``pair_weights`` where given.
 
     Returns the terms (``dice_bce``, ``soft_cldice`` when any pair is tubular) and their sum ``loss``.
     """
     terms = {
         "dice_bce": dice_bce_loss(
-            logits, masks, focal_gamma=focal_gamma, ce_top_fraction=ce_top_fraction, ce_balance=ce_balance
+            logits,
+            masks,
+            focal_gamma=focal_gamma,
+            ce_top_fraction=ce_top_fraction,
+            ce_balance=ce_balance,
+            pair_weights=pair_weights,
         )
     }
     loss = terms["dice_bce"]
     if cldice_weight > 0 and tubular.any():
-        terms["soft_cldice"] = soft_cl_dice_loss(logits[tubular], masks[tubular])
+        weights = None if pair_weights is None else pair_weights[tubular]
+        terms["soft_cldice"] = soft_cl_dice_loss(logits[tubular], masks[tubular], pair_weights=weights)
         loss = loss + cldice_weight * terms["soft_cldice"]
     return terms | {"loss": loss}

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from inference.checkpoints import load_network_weights, with_prompt_centre
+from lightning_modules.losses import pair_soft_dice
+from lightning_modules.task_priorities import TaskPriorities
 from lightning_modules.validation import VolumeValidation
 from networks.compiled import compile_blocks
 from networks.prompt_seg_net import PromptSegNet
@@ -85,6 +87,11 @@ class PromptSegModule(VolumeValidation):
         ce_balance: raises a present pair's foreground share of its cross-entropy from its voxel
             fraction ``f`` (0, the voxel mean) to one half (1, class-balanced), ``f**(1-b)``-weighted
             between (see ``lightning_modules/losses.py``).
+        task_priority_exponent: weight each pair's loss by ``(1 - its task's running training soft
+            Dice) ** exponent``, normalised over the batch, so that the tasks not learned yet take more
+            of the shared network's gradient (``lightning_modules/task_priorities.py``; logged as
+            ``train/running_dice/<prompt>``, kept per process under DDP, rank 0's in the checkpoint);
+            0: every pair alike (the paper).
         deep_supervision: the 1/2, 1/4, ... decoder levels also segment each prompt through a head
             of their own (``networks/prompt_seg_net.py``), their losses weighted 1/2, 1/4, ... of the
             final one (nnU-Net's deep supervision; 0: none, the paper).
@@ -138,6 +145,7 @@ class PromptSegModule(VolumeValidation):
         focal_gamma: float = 0.0,
         ce_top_fraction: float = 1.0,
         ce_balance: float = 0.0,
+        task_priority_exponent: float = 0.0,
         deep_supervision: int = 0,
         centre_prompts: bool = False,
         sw_roi: int = 96,
@@ -180,6 +188,7 @@ class PromptSegModule(VolumeValidation):
             input_windows=input_windows,
         )
         self.prompt_embeddings: dict[str, torch.Tensor] = {}
+        self.task_priorities = TaskPriorities(task_priority_exponent) if task_priority_exponent > 0 else None
         self.phase = 1
         self.task_routes: dict[str, tuple[int, ...]] = {}
 
@@ -289,6 +298,8 @@ class PromptSegModule(VolumeValidation):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.network(batch["image"], self.embed(batch["prompts"]), batch["image_index"])
+        if self.task_priorities is not None:
+            batch = batch | {"pair_weights": self.prioritise(output.logits, batch)}
         losses = self.supervised_losses(output.logits, batch)
         loss = losses.pop("loss")
         if output.deep_logits:
@@ -306,6 +317,17 @@ class PromptSegModule(VolumeValidation):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompts"]))
         return loss
 
+    def prioritise(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The pairs' loss weights from their tasks' running Dice, then this batch folded in."""
+        weights = self.task_priorities.weights(batch["prompts"]).to(logits.device)
+        with torch.no_grad():
+            masks = batch["masks"]
+            soft_dice = pair_soft_dice(torch.sigmoid(logits.float()), masks)
+            self.task_priorities.update(batch["prompts"], soft_dice, masks.flatten(1).any(1))
+        for prompt in set(batch["prompts"]) & self.task_priorities.dice.keys():
+            self.log(f"train/running_dice/{prompt}", self.task_priorities.dice[prompt], batch_size=1)
+        return weights
+
     def current_routes(self) -> dict[str, tuple[int, ...]]:
         """Each task prompt's inference route (one sub-pathway index per level)."""
         routes = self.network.routes(self.embed(self.task_prompts))
@@ -317,6 +339,8 @@ class PromptSegModule(VolumeValidation):
         checkpoint["prompt_embeddings"] = {p: e.cpu() for p, e in self.prompt_embeddings.items()}
         checkpoint["text_encoder_identity"] = self._text_identity()
         checkpoint["kept_paths"] = [pathway.kept_paths for pathway in self.network.pathways]
+        if self.task_priorities is not None:
+            checkpoint["task_dice"] = self.task_priorities.state_dict()
         super().on_save_checkpoint(checkpoint)
 
     def _text_identity(self) -> str:
@@ -332,6 +356,8 @@ class PromptSegModule(VolumeValidation):
         )
         self.prompt_embeddings.update(checkpoint.get("prompt_embeddings", {}))
         self.tubular.update(checkpoint.get("tubular", {}))
+        if self.task_priorities is not None:
+            self.task_priorities.load_state_dict(checkpoint.get("task_dice", {}))
         for pathway, kept in zip(self.network.pathways, checkpoint.get("kept_paths", [])):
             pathway.keep_only(set(kept))
         if checkpoint.get("phase") == 2 and self.phase != 2:

@@ -68,7 +68,8 @@ class VolumeValidation(L.LightningModule):
 
     def supervised_losses(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The training loss terms and their sum ``loss`` (``losses.segmentation_loss``) with this
-        module's ``cldice_weight``, ``focal_gamma``, ``ce_top_fraction`` and ``ce_balance``."""
+        module's ``cldice_weight``, ``focal_gamma``, ``ce_top_fraction`` and ``ce_balance``, and the
+        batch's ``pair_weights`` where it has them."""
         hparams = self.hparams
         return segmentation_loss(
             logits.float(),  # sums over a patch's voxels in float32 also under bf16 autocast
@@ -78,6 +79,7 @@ class VolumeValidation(L.LightningModule):
             hparams.focal_gamma,
             hparams.ce_top_fraction,
             hparams.ce_balance,
+            batch.get("pair_weights"),
         )
 
     def deep_supervised_loss(self, loss: torch.Tensor, deep_logits: list[torch.Tensor], batch: dict) -> torch.Tensor:

@@ -189,3 +189,21 @@ def test_partial_balance_gives_the_foreground_a_share_between_its_fraction_and_h
     )
     with pytest.raises(ValueError, match="ce_balance must lie in"):
         dice_bce_loss(logits, target, ce_balance=1.5)
+
+
+def test_pair_weights_weigh_each_pairs_terms_hand_computed():
+    """Pair 0 holds two foreground voxels of 8, pair 1 none, both at p = sigmoid(-2). Weights 3 : 1
+    make the cross-entropy (3 * pair 0's + pair 1's) / 4; the Dice term, pair 0's alone, is unchanged;
+    equal weights are the plain mean. Soft clDice over two present pairs: (l0 + 3 * l1) / 4."""
+    logits, target, _, dice_term, missed, kept = two_of_eight_missed(pairs=2)
+    weighted = dice_bce_loss(logits, target, pair_weights=torch.tensor([3.0, 1.0])).item()
+    assert weighted == pytest.approx(dice_term + (3 * (2 * missed + 6 * kept) / 8 + kept) / 4, rel=1e-6)
+    equal = dice_bce_loss(logits, target, pair_weights=torch.tensor([2.0, 2.0])).item()
+    assert equal == pytest.approx(dice_bce_loss(logits, target).item(), rel=1e-6)
+    tubes = torch.zeros(2, 1, 8, 8, 8)
+    tubes[0, 0, 2:6, 3:5, 3:5], tubes[1, 0, 1:7, 4, 2:6] = 1, 1
+    tube_logits = torch.randn(tubes.shape, generator=torch.Generator().manual_seed(0))
+    each = [soft_cl_dice_loss(tube_logits[i : i + 1], tubes[i : i + 1]).item() for i in range(2)]
+    assert each[0] != pytest.approx(each[1])
+    cl = soft_cl_dice_loss(tube_logits, tubes, pair_weights=torch.tensor([1.0, 3.0])).item()
+    assert cl == pytest.approx((each[0] + 3 * each[1]) / 4, rel=1e-5)

@@ -16,6 +16,7 @@ from callbacks import CosineWarmRestarts, PruningExport
 from callbacks.lr_schedule import warm_restart_factor
 from datamodules.multitask import MultiTaskDataModule
 from inference.checkpoints import CheckpointError, load_model, read_checkpoint
+from lightning_modules.losses import pair_soft_dice
 from lightning_modules.prompt_seg_module import PromptSegModule
 from segment import main as segment_main
 from tests.conftest import TINY_NETWORK
@@ -656,6 +657,39 @@ def test_deep_supervision_weights_each_coarser_level_half_the_one_before():
     assert not torch.allclose(final, half)
     expected = (final + 0.5 * half + 0.25 * quarter) / 1.75
     assert torch.allclose(model.training_step(batch, 0), expected, rtol=1e-5)
+
+
+def test_task_priorities_weigh_the_step_by_running_dice_and_travel_in_the_checkpoint():
+    """With "liver" at running Dice 0.8 and "aorta" unseen, the step's loss is the pairs' loss
+    weighted 0.2 : 1 (normalised); then the liver's present pair updates its running Dice, the
+    empty aorta pair does not, and the running values are saved and loaded with the checkpoint."""
+    torch.manual_seed(0)
+    model = module(task_priority_exponent=1.0, balance_weight=0.0)
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    model.prompt_embeddings = {"liver": torch.randn(384), "aorta": torch.randn(384)}
+    model.network.train().set_routing_schedule(temperature=1.0, noise_scale=0.0)
+    model.task_priorities.dice = {"liver": 0.8}
+    masks = torch.zeros(2, 1, 64, 64, 64)
+    masks[0, 0, 20:40, 20:40, 20:40] = 1
+    batch = {
+        "image": torch.rand(1, 1, 64, 64, 64),
+        "prompts": ["liver", "aorta"],
+        "image_index": torch.tensor([0, 0]),
+        "masks": masks,
+        "tubular": torch.tensor([False, True]),
+    }
+    output = model.network(batch["image"], model.embed(batch["prompts"]), batch["image_index"])
+    weighted = model.supervised_losses(output.logits, batch | {"pair_weights": torch.tensor([0.2, 1.0]) / 0.6})
+    plain = model.supervised_losses(output.logits, batch)
+    assert not torch.allclose(weighted["loss"], plain["loss"])
+    assert torch.allclose(model.training_step(batch, 0), weighted["loss"], rtol=1e-5)
+    soft_dice = pair_soft_dice(torch.sigmoid(output.logits[:1].float()), masks[:1]).item()
+    assert model.task_priorities.dice == pytest.approx({"liver": 0.9 * 0.8 + 0.1 * soft_dice})
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    restored = module(task_priority_exponent=1.0)
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.task_priorities.dice == model.task_priorities.dice
 
 
 def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
