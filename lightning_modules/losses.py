@@ -187,15 +187,13 @@ def soft_cl_dice_loss(
     present = target.sum(tuple(range(1, target.dim()))) > 0
     if not present.any():
         return logits.sum() * 0.0
-    weights = torch.ones(len(logits), device=logits.device) if pair_weights is None else pair_weights
+    weights = torch.ones(len(logits), device=logits.device) if pair_weights is None else pair_weights.to(logits.device)
     probability, target = torch.sigmoid(logits[present]), target[present]
     dims = tuple(range(1, logits.dim()))
     skeleton_p, skeleton_g = soft_skeleton(probability), soft_skeleton(target)
     precision = ((skeleton_p * target).sum(dims) + smooth) / (skeleton_p.sum(dims) + smooth)
     sensitivity = ((skeleton_g * probability).sum(dims) + smooth) / (skeleton_g.sum(dims) + smooth)
-    return weighted_mean(
-        1 - 2 * precision * sensitivity / (precision + sensitivity), weights[present].to(logits.device)
-    )
+    return weighted_mean(1 - 2 * precision * sensitivity / (precision + sensitivity), weights[present])
 
 
 def segmentation_loss(

@@ -319,7 +319,7 @@ class PromptSegModule(VolumeValidation):
 
     def prioritise(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """The pairs' loss weights from their tasks' running Dice, then this batch folded in."""
-        weights = self.task_priorities.weights(batch["prompts"]).to(logits.device)
+        weights = self.task_priorities.weights(batch["prompts"])  # the losses move them to the logits' device
         with torch.no_grad():
             masks = batch["masks"]
             soft_dice = pair_soft_dice(torch.sigmoid(logits.float()), masks)
