@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torchio as tio
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import Case, DatasetEntry, Task, load_registry
@@ -122,10 +123,13 @@ class TrainingPatches(Dataset):
     def __len__(self) -> int:
         return self.module.samples_per_epoch
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Sample ``index``; an ``(index, task)`` pair (``PrioritisedTasks``) names its task instead."""
         m = self.module
+        index, task_index = index if isinstance(index, tuple) else (index, None)
         rng = np.random.default_rng([m.seed, self.epoch, index])
-        task = self.tasks[rng.choice(len(self.tasks), p=self.probabilities)]
+        drawn = rng.choice(len(self.tasks), p=self.probabilities)  # drawn either way: the same case and patch draws
+        task = self.tasks[drawn if task_index is None else task_index]
         case = self.cases[task.dataset][rng.integers(len(self.cases[task.dataset]))]
         spacing = m.preprocessing.sample_spacing(m.case_spacing(case), rng)
         volume = m.volume(case, spacing)
@@ -149,6 +153,39 @@ class TrainingPatches(Dataset):
             torch.default_generator.manual_seed(seed)
             augmented = self.augment(subject)
         return augmented["image"].data, augmented["label"].data[0]
+
+
+class PrioritisedTasks(Sampler):
+    """Each training sample's task, drawn as the loader asks for it from the model's running task
+    difficulty (``TaskPriorities.difficulty``: ``(1 - running Dice) ** exponent``): with probability
+    ``share`` from the fixed task probabilities times the difficulties (renormalised), else from the
+    fixed ones. Tasks not learned yet get more patches, centred on their own structure as often as
+    any task's, and so do their data sets' other tasks; every task keeps at least ``1 - share`` of
+    its fixed rate. Yields ``(index, task)`` for ``TrainingPatches``; the draws of epoch ``e`` are
+    seeded by (seed, e) and follow the difficulties of the moment, so they depend on training. Under
+    DDP Lightning's distributed wrapper draws a whole epoch at its start, from each rank's own values.
+    """
+
+    def __init__(self, patches: TrainingPatches, difficulty: Callable[[list[str]], torch.Tensor], share: float):
+        self.patches, self.difficulty, self.share = patches, difficulty, share
+        self.prompts = [t.prompt for t in patches.tasks]
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def probabilities(self) -> np.ndarray:
+        fixed = self.patches.probabilities
+        prioritised = fixed * self.difficulty(self.prompts).double().numpy()
+        return (1 - self.share) * fixed + self.share * prioritised / prioritised.sum()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.patches.module.seed, self.epoch, len(self.patches)])
+        for index in range(len(self.patches)):
+            yield index, int(rng.choice(len(self.prompts), p=self.probabilities()))
 
 
 class ValidationVolumes(Dataset):
@@ -222,6 +259,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             among the data sets in use is reported and ignored (the quickstart config on another
             registry). On the command line ``--data.dataset_weights '{A: 2.0}'`` replaces the config's
             whole mapping; ``--data.dataset_weights.A 2.0`` adds or changes one entry.
+        priority_sampling: share of each training task draw that follows the model's running task
+            difficulty (``PrioritisedTasks``; needs ``model.task_priority_exponent > 0``): 0 draws
+            by the fixed probabilities alone; 0.5 keeps half of every task's fixed share and hands
+            the other half out by difficulty.
         validation_fraction: share of each data set's cases held out (at least one).
         split_file: JSON ``{dataset: {"train": [...], "val": [...]}}`` overriding the seeded split.
         augment: apply the paper's augmentation to training patches.
@@ -251,6 +292,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         size_exponent: float = 0.5,
         rarity_exponent: float = 0.0,
         dataset_weights: dict[str, float] | None = None,
+        priority_sampling: float = 0.0,
         validation_fraction: float = 0.2,
         split_file: str | None = None,
         augment: bool = True,
@@ -286,6 +328,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.dataset_weights = dict(dataset_weights or {})
         if not all(math.isfinite(w) and w > 0 for w in self.dataset_weights.values()):
             raise ValueError(f"data.dataset_weights must all be positive and finite, got {self.dataset_weights}")
+        if not 0.0 <= priority_sampling <= 1.0:
+            raise ValueError(f"data.priority_sampling must lie in [0, 1], got {priority_sampling}")
+        self.priority_sampling = priority_sampling
         self.validation_fraction = validation_fraction
         self.split_file = split_file
         self.augment = augment
@@ -301,6 +346,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.val_cases: list[Case] = []
         self._spacings: dict[Case, tuple[float, ...]] = {}
         self.train_set: TrainingPatches | None = None
+        self.task_sampler: PrioritisedTasks | None = None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -440,6 +486,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         if self.train_set is not None:
             self.train_set.epoch = epoch
+        if self.task_sampler is not None:
+            self.task_sampler.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         self.train_set = TrainingPatches(self, self.train_cases)
@@ -448,15 +496,28 @@ class MultiTaskDataModule(L.LightningDataModule):
             # hooks: give them the epoch about to run. After a resume ``current_epoch`` still reads
             # the last finished one there; the epochs the loop has processed do not.
             self.train_set.epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        if self.priority_sampling > 0:
+            self.task_sampler = PrioritisedTasks(self.train_set, self._task_difficulty(), self.priority_sampling)
+            self.task_sampler.set_epoch(self.train_set.epoch)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
             shuffle=False,
+            sampler=self.task_sampler,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             pin_memory=self._on_gpu(),
             persistent_workers=False,
         )
+
+    def _task_difficulty(self) -> Callable[[list[str]], torch.Tensor]:
+        priorities = getattr(self.trainer.lightning_module, "task_priorities", None) if self.trainer else None
+        if priorities is None:
+            raise ValueError(
+                "data.priority_sampling needs a model that keeps running task Dice "
+                "(PromptSegModule with model.task_priority_exponent > 0)"
+            )
+        return priorities.difficulty
 
     def _on_gpu(self) -> bool:
         """Pin host memory only when the trainer trains on a GPU (not merely because one exists)."""

@@ -13,7 +13,13 @@ import torch
 import yaml
 from pydicom.data import get_testdata_file
 
-from datamodules.multitask import Augmentation, MultiTaskDataModule, TrainingPatches, task_probabilities
+from datamodules.multitask import (
+    Augmentation,
+    MultiTaskDataModule,
+    PrioritisedTasks,
+    TrainingPatches,
+    task_probabilities,
+)
 from datamodules.preprocessing import Preprocessing
 from datamodules.registry import load_registry
 from datamodules.volumes import BadCaseError, VolumeCache, read_image
@@ -383,6 +389,61 @@ def test_a_non_positive_or_infinite_dataset_weight_is_an_error_and_an_unknown_na
     assert "['NoSuchSet'] not among the data sets" in caplog.text
     patches = TrainingPatches(data, data.train_cases)
     assert np.allclose(patches.probabilities, patches.probabilities[0])  # ignored: every task alike
+
+
+def test_prioritised_task_probabilities_mix_the_fixed_ones_with_their_difficulty(phantom_data):
+    """Four tasks at fixed 0.4 / 0.3 / 0.2 / 0.1, difficulties 1 / 0.5 / 0.5 / 0: prioritised
+    0.4 / 0.15 / 0.1 / 0 over 0.65; a quarter of that mixed with three quarters of the fixed."""
+    patches = TrainingPatches(phantom_data, phantom_data.train_cases)
+    patches.tasks = patches.tasks[:4]
+    patches.probabilities = np.array([0.4, 0.3, 0.2, 0.1])
+    sampler = PrioritisedTasks(patches, lambda prompts: torch.tensor([1.0, 0.5, 0.5, 0.0]), share=0.25)
+    expected = 0.75 * np.array([0.4, 0.3, 0.2, 0.1]) + 0.25 * np.array([0.4, 0.15, 0.1, 0.0]) / 0.65
+    assert np.allclose(sampler.probabilities(), expected)
+    assert np.allclose(PrioritisedTasks(patches, sampler.difficulty, share=0.0).probabilities(), patches.probabilities)
+
+
+def test_prioritised_tasks_read_the_difficulty_at_each_draw_and_repeat_per_epoch(phantom_data, monkeypatch):
+    monkeypatch.setattr(phantom_data, "samples_per_epoch", 24)
+    patches = TrainingPatches(phantom_data, phantom_data.train_cases)
+    hard = {"prompt": patches.tasks[3].prompt}
+    difficulty = lambda prompts: torch.tensor([1.0 if p == hard["prompt"] else 1e-6 for p in prompts])  # noqa: E731
+    sampler = PrioritisedTasks(patches, difficulty, share=1.0)
+    draws = iter(sampler)
+    first = [next(draws) for _ in range(10)]
+    hard["prompt"] = patches.tasks[7].prompt  # the model's running Dice moved mid-epoch
+    rest = list(draws)
+    assert [i for i, _ in first + rest] == list(range(len(patches)))
+    assert {t for _, t in first} == {3} and {t for _, t in rest} == {7}
+    hard["prompt"] = patches.tasks[3].prompt
+    assert list(sampler) == list(sampler)  # the same epoch and difficulties: the same draws
+    sampler.set_epoch(1)
+    assert {t for _, t in sampler} == {3}
+
+
+def test_a_sample_given_its_task_draws_the_same_case_and_patch_as_one_that_drew_it(phantom_data):
+    patches = TrainingPatches(phantom_data, phantom_data.train_cases)
+    drawn = patches[5]
+    task = next(i for i, t in enumerate(patches.tasks) if t.prompt == drawn["prompts"][0])
+    given = patches[(5, task)]
+    assert torch.equal(given["image"], drawn["image"]) and given["prompts"] == drawn["prompts"]
+    other = next(i for i, t in enumerate(patches.tasks) if t.dataset != patches.tasks[task].dataset)
+    assert patches[(5, other)]["prompts"][0] == patches.tasks[other].prompt
+
+
+def test_priority_sampling_out_of_range_or_without_running_dice_is_refused(phantom_registry, phantom_data):
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"data.priority_sampling must lie in \[0, 1\]"):
+            MultiTaskDataModule(registry=str(phantom_registry), priority_sampling=share)
+    data = MultiTaskDataModule(
+        registry=str(phantom_registry),
+        cache_dir=str(phantom_data.cache.folder),
+        spacing_candidates=(3.0,),
+        priority_sampling=0.5,
+    )
+    data.setup()
+    with pytest.raises(ValueError, match="needs a model that keeps running task Dice"):
+        data.train_dataloader()
 
 
 def test_samples_are_reproducible_per_epoch_and_index(phantom_data):

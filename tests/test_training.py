@@ -692,6 +692,24 @@ def test_task_priorities_weigh_the_step_by_running_dice_and_travel_in_the_checkp
     assert restored.task_priorities.dice == model.task_priorities.dice
 
 
+def test_priority_sampling_draws_the_tasks_the_model_has_not_learned(phantom_registry, tmp_path):
+    """Every task but the spleen at running Dice 0.999 and a steep exponent: the loader draws the
+    spleen for every patch of both epochs, reading the difficulties of the model being fitted."""
+    model = module(task_priority_exponent=8.0)
+    data = data_module(phantom_registry, tmp_path / "cache", samples_per_epoch=3, priority_sampling=1.0)
+    data.setup()
+    model.task_priorities.dice = {t.prompt: 0.999 for t in data.tasks if t.prompt != "spleen"}
+    drawn: list[str] = []
+
+    class FirstPrompts(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            drawn.append(batch["prompts"][0])
+
+    trainer(tmp_path, max_epochs=2, callbacks=[FirstPrompts()]).fit(model, data)
+    assert drawn == ["spleen"] * 6
+    assert data.task_sampler.epoch == 1
+
+
 def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
     from lightning_modules.reference import ReferenceModule
 
