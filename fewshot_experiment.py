@@ -57,7 +57,7 @@ NETWORK_KEYS = (
 def data_for(config: dict, registry: str, seed: int, **split) -> MultiTaskDataModule:
     """The config's data settings on ``registry``, one prompt per image, split by ``split``
     (``shots=...`` or ``validation_fraction=...``)."""
-    # the weights name the config's registry; one task per registry leaves nothing to prioritise
+    # the weights name the config's registry; the modules trained here keep no running task Dice
     ignored = ("registry", "shots", "prompts_per_image", "dataset_weights", "priority_sampling")
     settings = {k: v for k, v in config["data"].items() if k not in ignored}
     return MultiTaskDataModule(**settings | {"registry": registry, "prompts_per_image": 1, "seed": seed} | split)

@@ -162,7 +162,7 @@ class PrioritisedTasks(Sampler):
     fixed ones. Tasks not learned yet get more patches, centred on their own structure as often as
     any task's, and so do their data sets' other tasks; every task keeps at least ``1 - share`` of
     its fixed rate. Yields ``(index, task)`` for ``TrainingPatches``; the draws of epoch ``e`` are
-    seeded by (seed, e) and follow the difficulties of the moment, so they depend on training. Under
+    seeded by the data seed and ``e`` and follow the difficulties of the moment, so they depend on training. Under
     DDP Lightning's distributed wrapper draws a whole epoch at its start, from each rank's own values.
     """
 
@@ -360,6 +360,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         return set(next(e.labels for e in self.entries if e.name == dataset).values())
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.priority_sampling > 0:
+            self._task_difficulty()  # a model without running Dice is refused before any case is read
         if self.entries:
             return
         entries = load_registry(self.registry, self.tubular)

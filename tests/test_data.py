@@ -415,10 +415,11 @@ def test_prioritised_tasks_read_the_difficulty_at_each_draw_and_repeat_per_epoch
     rest = list(draws)
     assert [i for i, _ in first + rest] == list(range(len(patches)))
     assert {t for _, t in first} == {3} and {t for _, t in rest} == {7}
-    hard["prompt"] = patches.tasks[3].prompt
-    assert list(sampler) == list(sampler)  # the same epoch and difficulties: the same draws
-    sampler.set_epoch(1)
-    assert {t for _, t in sampler} == {3}
+    even = PrioritisedTasks(patches, lambda prompts: torch.ones(len(prompts)), share=0.5)
+    first_epoch = list(even)
+    assert list(even) == first_epoch  # the same epoch and difficulties: the same draws
+    even.set_epoch(1)
+    assert list(even) != first_epoch
 
 
 def test_a_sample_given_its_task_draws_the_same_case_and_patch_as_one_that_drew_it(phantom_data):
@@ -441,6 +442,9 @@ def test_priority_sampling_out_of_range_or_without_running_dice_is_refused(phant
         spacing_candidates=(3.0,),
         priority_sampling=0.5,
     )
+    with pytest.raises(ValueError, match="needs a model that keeps running task Dice"):
+        data.setup("fit")  # before any case is read
+    assert not data.entries
     data.setup()
     with pytest.raises(ValueError, match="needs a model that keeps running task Dice"):
         data.train_dataloader()
