@@ -178,9 +178,11 @@ class PrioritisedTasks(Sampler):
         self.epoch = epoch
 
     def probabilities(self) -> np.ndarray:
+        """The mixture; the fixed probabilities where a steep exponent rounds every difficulty to 0."""
         fixed = self.patches.probabilities
         prioritised = fixed * self.difficulty(self.prompts).double().numpy()
-        return (1 - self.share) * fixed + self.share * prioritised / prioritised.sum()
+        total = prioritised.sum()
+        return (1 - self.share) * fixed + self.share * prioritised / total if total > 0 else fixed
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.patches.module.seed, self.epoch, len(self.patches)])

@@ -30,15 +30,14 @@ class TaskPriorities:
         self.dice: dict[str, float] = {}
 
     def difficulty(self, prompts: list[str]) -> torch.Tensor:
-        """``(1 - d) ** exponent`` per prompt (N,), ``1 - d`` floored at 0.001; an unseen task's is 1.
-        In float64, so a steep exponent does not round the floor to 0."""
-        remaining = torch.tensor([1.0 - self.dice.get(p, 0.0) for p in prompts], dtype=torch.float64)
-        return remaining.clamp(min=1e-3) ** self.exponent
+        """``(1 - d) ** exponent`` per prompt (N,), ``1 - d`` floored at 0.001; an unseen task's is 1."""
+        return torch.tensor([1.0 - self.dice.get(p, 0.0) for p in prompts]).clamp(min=1e-3) ** self.exponent
 
     def weights(self, prompts: list[str]) -> torch.Tensor:
-        """One weight per pair (N,), mean 1."""
+        """One weight per pair (N,), mean 1 (all 1 where a steep exponent rounds every difficulty to 0)."""
         difficulty = self.difficulty(prompts)
-        return (difficulty / difficulty.mean()).float()
+        total = difficulty.mean()
+        return difficulty / total if total > 0 else torch.ones_like(difficulty)
 
     def update(self, prompts: list[str], soft_dice: torch.Tensor, present: torch.Tensor) -> None:
         """Fold each present pair's soft Dice (N,) into its task's running value."""

@@ -401,6 +401,8 @@ def test_prioritised_task_probabilities_mix_the_fixed_ones_with_their_difficulty
     expected = 0.75 * np.array([0.4, 0.3, 0.2, 0.1]) + 0.25 * np.array([0.4, 0.15, 0.1, 0.0]) / 0.65
     assert np.allclose(sampler.probabilities(), expected)
     assert np.allclose(PrioritisedTasks(patches, sampler.difficulty, share=0.0).probabilities(), patches.probabilities)
+    rounded_away = PrioritisedTasks(patches, lambda prompts: torch.zeros(4), share=0.25)  # a steep exponent
+    assert np.allclose(rounded_away.probabilities(), patches.probabilities)
 
 
 def test_prioritised_tasks_read_the_difficulty_at_each_draw_and_repeat_per_epoch(phantom_data, monkeypatch):

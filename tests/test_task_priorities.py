@@ -37,3 +37,10 @@ def test_update_averages_only_the_pairs_that_hold_their_structure():
 def test_bad_settings_are_refused(exponent, momentum):
     with pytest.raises(ValueError, match="task priority"):
         TaskPriorities(exponent, momentum)
+
+
+def test_a_steep_exponent_that_rounds_every_difficulty_to_zero_weighs_pairs_alike():
+    priorities = TaskPriorities(exponent=20.0)  # 0.001 ** 20 is 0 in float32
+    priorities.dice = {"liver": 1.0, "lung": 1.0}
+    assert torch.equal(priorities.difficulty(["liver", "lung"]), torch.zeros(2))
+    assert torch.equal(priorities.weights(["liver", "lung"]), torch.ones(2))
