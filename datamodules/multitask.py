@@ -362,8 +362,6 @@ class MultiTaskDataModule(L.LightningDataModule):
         return set(next(e.labels for e in self.entries if e.name == dataset).values())
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "fit" and self.priority_sampling > 0:
-            self._task_difficulty()  # a model without running Dice is refused before any case is read
         if self.entries:
             return
         entries = load_registry(self.registry, self.tubular)
