@@ -161,21 +161,18 @@ class PrioritisedTasks(Sampler):
     ``share`` from the fixed task probabilities times the difficulties (renormalised), else from the
     fixed ones. Tasks not learned yet get more patches, centred on their own structure as often as
     any task's, and so do their data sets' other tasks; every task keeps at least ``1 - share`` of
-    its fixed rate. Yields ``(index, task)`` for ``TrainingPatches``; the draws of epoch ``e`` are
-    seeded by the data seed and ``e`` and follow the difficulties of the moment, so they depend on training. Under
-    DDP Lightning's distributed wrapper draws a whole epoch at its start, from each rank's own values.
+    its fixed rate. Yields ``(index, task)`` for ``TrainingPatches``; the draws of the patches' epoch
+    ``e`` are seeded by the data seed and ``e`` and follow the difficulties of the moment, so they
+    depend on training. Under DDP Lightning's distributed wrapper draws a whole epoch at its start,
+    from each rank's own values.
     """
 
     def __init__(self, patches: TrainingPatches, difficulty: Callable[[list[str]], torch.Tensor], share: float):
         self.patches, self.difficulty, self.share = patches, difficulty, share
         self.prompts = [t.prompt for t in patches.tasks]
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.patches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def probabilities(self) -> np.ndarray:
         """The mixture; the fixed probabilities where a steep exponent rounds every difficulty to 0."""
@@ -185,7 +182,8 @@ class PrioritisedTasks(Sampler):
         return (1 - self.share) * fixed + self.share * prioritised / total if total > 0 else fixed
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        rng = np.random.default_rng([self.patches.module.seed, self.epoch, len(self.patches)])
+        # salted with the epoch's length: no stream shared with a sample's own [seed, epoch, index]
+        rng = np.random.default_rng([self.patches.module.seed, self.patches.epoch, len(self.patches)])
         for index in range(len(self.patches)):
             yield index, int(rng.choice(len(self.prompts), p=self.probabilities()))
 
@@ -488,8 +486,6 @@ class MultiTaskDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         if self.train_set is not None:
             self.train_set.epoch = epoch
-        if self.task_sampler is not None:
-            self.task_sampler.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         self.train_set = TrainingPatches(self, self.train_cases)
@@ -500,7 +496,6 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.train_set.epoch = self.trainer.fit_loop.epoch_progress.current.processed
         if self.priority_sampling > 0:
             self.task_sampler = PrioritisedTasks(self.train_set, self._task_difficulty(), self.priority_sampling)
-            self.task_sampler.set_epoch(self.train_set.epoch)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,

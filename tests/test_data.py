@@ -420,7 +420,7 @@ def test_prioritised_tasks_read_the_difficulty_at_each_draw_and_repeat_per_epoch
     even = PrioritisedTasks(patches, lambda prompts: torch.ones(len(prompts)), share=0.5)
     first_epoch = list(even)
     assert list(even) == first_epoch  # the same epoch and difficulties: the same draws
-    even.set_epoch(1)
+    patches.epoch = 1
     assert list(even) != first_epoch
 
 

@@ -707,7 +707,7 @@ def test_priority_sampling_draws_the_tasks_the_model_has_not_learned(phantom_reg
 
     trainer(tmp_path, max_epochs=2, callbacks=[FirstPrompts()]).fit(model, data)
     assert drawn == ["spleen"] * 6
-    assert data.task_sampler.epoch == 1
+    assert data.task_sampler.patches is data.train_set and data.train_set.epoch == 1
 
 
 def test_an_update_with_non_finite_gradients_is_skipped_and_counted():
