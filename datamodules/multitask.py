@@ -241,6 +241,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         random_spacing_probability: chance of a random candidate instead of the closest (paper: 0.1).
         window_level: HU window centre (paper: 0).
         window_width: HU window width (paper: 1800).
+        antialias: smooth the image before downsampling it to the sample's spacing (``Preprocessing``).
         patch_size: edge of the cubic training patch in voxels.
         batch_size: images per batch (each with up to ``prompts_per_image`` prompts).
         prompts_per_image: tasks of the same data set supervised on one patch.
@@ -284,6 +285,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         random_spacing_probability: float = 0.1,
         window_level: float = 0.0,
         window_width: float = 1800.0,
+        antialias: bool = False,
         patch_size: int = 96,
         batch_size: int = 2,
         prompts_per_image: int = 4,
@@ -316,7 +318,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         if shots is not None and shots < 1:
             raise ValueError(f"data.shots must be at least 1, got {shots}")
         self.registry = registry
-        self.preprocessing = Preprocessing(spacing_candidates, random_spacing_probability, window_level, window_width)
+        self.preprocessing = Preprocessing(
+            spacing_candidates, random_spacing_probability, window_level, window_width, antialias
+        )
         self.cache = VolumeCache(cache_dir, self.preprocessing, use_cache)
         self.patch_size = patch_size
         self.batch_size = batch_size

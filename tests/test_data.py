@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+import torchio as tio
 import yaml
 from pydicom.data import get_testdata_file
 
@@ -147,6 +148,34 @@ def test_spacing_rule_frequencies_and_closest_choice():
 def test_window_values():
     window = Preprocessing().window(torch.tensor([-2000.0, -900.0, 0.0, 450.0, 900.0, 3000.0]))
     assert torch.allclose(window, torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+
+
+def test_antialias_averages_the_fine_voxels_and_leaves_labels_alone():
+    # Noise of 100 HU at 0.5 mm in-plane, 2 mm through-plane, and a label stripe, resampled to 2 mm. A
+    # point sample falls midway between 2 x 2 fine voxels in-plane: their mean, spread 100 / 2 = 50 HU.
+    # Antialiased, each coarse voxel averages at least the 4 x 4 fine voxels beneath it: under 100 / 4.
+    # The z axis is not downsampled.
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 100.0, (64, 64, 16)).astype(np.float32)
+    labels = np.zeros((64, 64, 16), np.uint8)
+    labels[20:40, :, :] = 1
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    prepared = {}
+    for antialias in (False, True):
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=torch.from_numpy(noise)[None], affine=affine),
+            label=tio.LabelMap(tensor=torch.from_numpy(labels)[None], affine=affine),
+        )
+        prepared[antialias] = Preprocessing(spacing_candidates=(2.0,), antialias=antialias).prepare(subject, 2.0)
+    hu = {a: (p["image"].data * 1800.0 - 900.0)[:, 2:-2, 2:-2, 2:-2] for a, p in prepared.items()}
+    assert float(hu[False].std()) == pytest.approx(50.0, rel=0.1)
+    assert 5.0 < float(hu[True].std()) < 25.0
+    assert torch.equal(prepared[False]["label"].data, prepared[True]["label"].data)
+    assert prepared[True]["image"].shape == prepared[False]["image"].shape == (1, 16, 16, 16)
+    # a checkpoint written before the option existed loads with it off
+    stored = Preprocessing(spacing_candidates=(2.0,)).as_dict()
+    del stored["antialias"]
+    assert Preprocessing(**stored) == Preprocessing(spacing_candidates=(2.0,))
 
 
 def test_task_probabilities_interpolate_uniform_and_proportional():
