@@ -27,8 +27,9 @@ class Preprocessing:
         window_width: HU covered by the window; values outside are clipped, the rest scaled to [0, 1].
         antialias: Gaussian-smooth the image along every axis it is downsampled on before resampling
             (TorchIO's ``antialias``), so a coarser voxel holds the average of the finer ones beneath it,
-            as a scan reconstructed at that spacing would, instead of a point sample of them: thin
-            vessels stay continuous and noise falls. Labels are resampled nearest either way.
+            as a scan reconstructed at that spacing would, instead of a point sample of them: noise
+            falls and thin vessels break into fewer pieces, but edges blur against the labels, which
+            are resampled nearest either way (README, twenty-fifth session: not in the shipped configs).
     """
 
     spacing_candidates: tuple[float, ...] = (0.6, 1.0, 1.5)
