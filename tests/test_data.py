@@ -172,6 +172,8 @@ def test_antialias_averages_the_fine_voxels_and_leaves_labels_alone():
     assert 5.0 < float(hu[True].std()) < 25.0
     assert torch.equal(prepared[False]["label"].data, prepared[True]["label"].data)
     assert prepared[True]["image"].shape == prepared[False]["image"].shape == (1, 16, 16, 16)
+    # the data module hands the option to the preprocessing its cache and checkpoints store
+    assert MultiTaskDataModule(antialias=True).preprocessing.as_dict()["antialias"] is True
     # a checkpoint written before the option existed loads with it off
     stored = Preprocessing(spacing_candidates=(2.0,)).as_dict()
     del stored["antialias"]
