@@ -242,6 +242,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         window_level: HU window centre (paper: 0).
         window_width: HU window width (paper: 1800).
         antialias: smooth the image before downsampling it to the sample's spacing (``Preprocessing``).
+        thin_occupancy: a tubular task's structure also labels the coarser voxels it fills at least
+            this share of (0: nearest, like every label; ``Preprocessing``).
         patch_size: edge of the cubic training patch in voxels.
         batch_size: images per batch (each with up to ``prompts_per_image`` prompts).
         prompts_per_image: tasks of the same data set supervised on one patch.
@@ -286,6 +288,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         window_level: float = 0.0,
         window_width: float = 1800.0,
         antialias: bool = False,
+        thin_occupancy: float = 0.0,
         patch_size: int = 96,
         batch_size: int = 2,
         prompts_per_image: int = 4,
@@ -319,7 +322,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.shots must be at least 1, got {shots}")
         self.registry = registry
         self.preprocessing = Preprocessing(
-            spacing_candidates, random_spacing_probability, window_level, window_width, antialias
+            spacing_candidates, random_spacing_probability, window_level, window_width, antialias, thin_occupancy
         )
         self.cache = VolumeCache(cache_dir, self.preprocessing, use_cache)
         self.patch_size = patch_size
@@ -377,6 +380,9 @@ class MultiTaskDataModule(L.LightningDataModule):
                 "data.dataset_weights: %s not among the data sets of %s in use, ignored", unknown, self.registry
             )
         self.entries = entries
+        self.cache.thin_values = {
+            e.name: tuple(sorted({v for t in e.tasks if t.tubular for v in t.label_values})) for e in entries
+        }
         self._validate_cases()
         self._split()
 

@@ -280,6 +280,9 @@ class VolumeCache:
         folder: where the cached volumes live.
         preprocessing: the shared preprocessing.
         enabled: when False, every load preprocesses from the source files and nothing is written.
+
+    ``thin_values`` maps a data set's name to the label values its volumes hand to
+    ``Preprocessing.prepare`` as thin structures (part of the key; set before the first load).
     """
 
     def __init__(self, folder: str | Path, preprocessing: Preprocessing, enabled: bool = True) -> None:
@@ -290,6 +293,7 @@ class VolumeCache:
         self.misses = 0
         self.checked: dict[str, list[float]] = self._read_manifest()
         self._keys: dict[tuple[Case, float], str] = {}
+        self.thin_values: dict[str, tuple[int, ...]] = {}
 
     @staticmethod
     def _stamp(case: Case) -> list:
@@ -297,10 +301,13 @@ class VolumeCache:
         files += [(value, path) for _, value, path in case.structure_files]
         return [(str(p), p.stat().st_size, p.stat().st_mtime_ns, v) for v, p in files if p.exists()]
 
+    def _thin(self, case: Case) -> tuple[int, ...]:
+        return self.thin_values.get(case.dataset, ()) if self.preprocessing.thin_occupancy else ()
+
     def key(self, case: Case, spacing: float) -> str:
         """The entry's key, computed once per (case, spacing) in a process."""
         if (case, spacing) not in self._keys:
-            payload = [CACHE_FORMAT, self.preprocessing.as_dict(), spacing, self._stamp(case)]
+            payload = [CACHE_FORMAT, self.preprocessing.as_dict(), spacing, self._stamp(case), self._thin(case)]
             digest = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
             self._keys[case, spacing] = digest
         return self._keys[case, spacing]
@@ -355,7 +362,7 @@ class VolumeCache:
             self.hits += 1
             return volume
         self.misses += 1
-        prepared = self.preprocessing.prepare(subject or read_case(case, known_values), spacing)
+        prepared = self.preprocessing.prepare(subject or read_case(case, known_values), spacing, self._thin(case))
         volume = PreparedVolume.from_arrays(
             prepared["image"].data.half(), prepared["label"].data[0].to(torch.uint8), prepared["image"].affine, spacing
         )

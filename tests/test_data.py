@@ -180,6 +180,77 @@ def test_antialias_averages_the_fine_voxels_and_leaves_labels_alone():
     assert Preprocessing(**stored) == Preprocessing(spacing_candidates=(2.0,))
 
 
+def test_thin_occupancy_labels_the_background_voxels_a_thin_structure_partly_fills():
+    # 1 mm -> 3 mm along x: coarse voxel k covers fine x = 3k..3k+2, its centre at 3k+1. A thin sheet
+    # (value 2) at x = 3 fills a third of coarse voxel 1 but misses its centre; another at x = 6 fills a
+    # third of coarse voxel 2, which nearest gives to the organ (value 1, x = 7..11). Antialiased
+    # occupancy: 0.08 / 0.32 / 0.24 / 0.00 for coarse voxels 0..3.
+    labels = np.zeros((12, 6, 6), np.uint8)
+    labels[3] = labels[6] = 2
+    labels[7:] = 1
+    affine = np.eye(4)
+
+    def prepare(occupancy: float, thin_values: tuple[int, ...] = (2,)) -> tio.Subject:
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=torch.from_numpy(labels * 100.0)[None], affine=affine),
+            label=tio.LabelMap(tensor=torch.from_numpy(labels)[None], affine=affine),
+        )
+        return Preprocessing(spacing_candidates=(3.0,), thin_occupancy=occupancy).prepare(subject, 3.0, thin_values)
+
+    along_x = {
+        key: p["label"].data[0, :, 1, 1].tolist()
+        for key, p in {
+            "nearest": prepare(0.0),
+            "0.2": prepare(0.2),
+            "0.5": prepare(0.5),
+            "no thin values": prepare(0.2, ()),
+        }.items()
+    }
+    assert along_x == {
+        "nearest": [0, 0, 1, 1],
+        "0.2": [0, 2, 1, 1],  # the labelled organ keeps its voxel
+        "0.5": [0, 0, 1, 1],
+        "no thin values": [0, 0, 1, 1],
+    }
+    assert torch.equal(prepare(0.0)["image"].data, prepare(0.2)["image"].data)
+    with pytest.raises(ValueError, match="thin_occupancy"):
+        Preprocessing(thin_occupancy=1.0)
+
+
+def test_thin_occupancy_widens_only_the_tubular_tasks_and_keys_the_cache(tmp_path, phantom_registry):
+    def lesions(occupancy: float, cache: str) -> MultiTaskDataModule:
+        data = MultiTaskDataModule(
+            registry=str(phantom_registry),
+            cache_dir=str(tmp_path / cache),
+            spacing_candidates=(3.0,),
+            thin_occupancy=occupancy,
+            only_datasets=("PhantomLesions",),
+        )
+        data.setup()
+        return data
+
+    nearest, widened = lesions(0.0, "nearest"), lesions(0.3, "widened")
+    (entry,) = widened.entries
+    assert widened.cache.thin_values == {"PhantomLesions": (entry.labels["superior mesenteric artery"],)}
+    sma = entry.labels["superior mesenteric artery"]
+    widened_voxels = 0
+    for case in entry.cases:
+        before, after = (d.volume(case, 3.0).labels for d in (nearest, widened))
+        changed = before != after
+        assert bool((before[changed] == 0).all()) and bool((after[changed] == sma).all())
+        widened_voxels += int(changed.sum())
+    assert widened_voxels > 0
+    # the thin values are part of the key only when the option is on
+    case = entry.cases[0]
+    keys = {}
+    for occupancy in (0.0, 0.3):
+        for thin in ((), (sma,)):
+            cache = VolumeCache(tmp_path / "keys", Preprocessing(spacing_candidates=(3.0,), thin_occupancy=occupancy))
+            cache.thin_values = {case.dataset: thin}
+            keys[occupancy, thin] = cache.key(case, 3.0)
+    assert keys[0.0, ()] == keys[0.0, (sma,)] and keys[0.3, ()] != keys[0.3, (sma,)]
+
+
 def test_task_probabilities_interpolate_uniform_and_proportional():
     assert np.allclose(task_probabilities([1, 9], 0.0), [0.5, 0.5])
     assert np.allclose(task_probabilities([1, 9], 1.0), [0.1, 0.9])
