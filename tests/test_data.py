@@ -213,6 +213,12 @@ def test_thin_occupancy_labels_the_background_voxels_a_thin_structure_partly_fil
         "no thin values": [0, 0, 1, 1],
     }
     assert torch.equal(prepare(0.0)["image"].data, prepare(0.2)["image"].data)
+    # a thick part: a slab over x = 5..9 fills a third of coarse voxels 1 and 3 (0.33) but also the
+    # whole of voxel 2 (0.97) between them, so its rim stays as nearest made it
+    labels = np.zeros((15, 6, 6), np.uint8)
+    labels[5:10] = 2
+    assert prepare(0.2)["label"].data[0, :, 1, 1].tolist() == prepare(0.0)["label"].data[0, :, 1, 1].tolist()
+    assert prepare(0.0)["label"].data[0, :, 1, 1].tolist() == [0, 0, 2, 0, 0]
     with pytest.raises(ValueError, match="thin_occupancy"):
         Preprocessing(thin_occupancy=1.0)
 
