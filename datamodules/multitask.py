@@ -324,7 +324,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.preprocessing = Preprocessing(
             spacing_candidates, random_spacing_probability, window_level, window_width, antialias, thin_occupancy
         )
-        self.cache = VolumeCache(cache_dir, self.preprocessing, use_cache)
+        self.cache_dir = cache_dir
+        self.use_cache = use_cache
+        self.cache: VolumeCache  # made in setup, once the registry names the thin structures
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.prompts_per_image = prompts_per_image
@@ -380,9 +382,10 @@ class MultiTaskDataModule(L.LightningDataModule):
                 "data.dataset_weights: %s not among the data sets of %s in use, ignored", unknown, self.registry
             )
         self.entries = entries
-        self.cache.thin_values = {
+        thin_values = {
             e.name: tuple(sorted({v for t in e.tasks if t.tubular for v in t.label_values})) for e in entries
         }
+        self.cache = VolumeCache(self.cache_dir, self.preprocessing, self.use_cache, thin_values)
         self._validate_cases()
         self._split()
 

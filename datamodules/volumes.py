@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,12 +280,17 @@ class VolumeCache:
         folder: where the cached volumes live.
         preprocessing: the shared preprocessing.
         enabled: when False, every load preprocesses from the source files and nothing is written.
-
-    ``thin_values`` maps a data set's name to the label values its volumes hand to
-    ``Preprocessing.prepare`` as thin structures (part of the key; set before the first load).
+        thin_values: a data set's name to the label values its volumes hand to ``Preprocessing.prepare``
+            as thin structures (part of the key when ``thin_occupancy`` is on).
     """
 
-    def __init__(self, folder: str | Path, preprocessing: Preprocessing, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        preprocessing: Preprocessing,
+        enabled: bool = True,
+        thin_values: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.preprocessing = preprocessing
         self.enabled = enabled
@@ -293,7 +298,7 @@ class VolumeCache:
         self.misses = 0
         self.checked: dict[str, list[float]] = self._read_manifest()
         self._keys: dict[tuple[Case, float], str] = {}
-        self.thin_values: dict[str, tuple[int, ...]] = {}
+        self.thin_values = dict(thin_values or {})
 
     @staticmethod
     def _stamp(case: Case) -> list:

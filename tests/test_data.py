@@ -251,8 +251,8 @@ def test_thin_occupancy_widens_only_the_tubular_tasks_and_keys_the_cache(tmp_pat
     keys = {}
     for occupancy in (0.0, 0.3):
         for thin in ((), (sma,)):
-            cache = VolumeCache(tmp_path / "keys", Preprocessing(spacing_candidates=(3.0,), thin_occupancy=occupancy))
-            cache.thin_values = {case.dataset: thin}
+            preprocessing = Preprocessing(spacing_candidates=(3.0,), thin_occupancy=occupancy)
+            cache = VolumeCache(tmp_path / "keys", preprocessing, thin_values={case.dataset: thin})
             keys[occupancy, thin] = cache.key(case, 3.0)
     assert keys[0.0, ()] == keys[0.0, (sma,)] and keys[0.3, ()] != keys[0.3, (sma,)]
 
