@@ -289,6 +289,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
     parser.add_argument(
+        "--grid-shifts",
+        type=int,
+        default=8,
+        help="average 1, 2, 4 or 8 predictions on grids shifted by half a voxel (default 8; each costs one prediction)",
+    )
+    parser.add_argument(
         "--format",
         nargs="+",
         choices=FORMATS,
@@ -318,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, messages: Messages) -> str:
     """Segment every case; return the summary line."""
     started = time.monotonic()
-    check_settings(args.device, args.overlap)
+    check_settings(args.device, args.overlap, args.grid_shifts)
     check_prompts(args.prompt, args.label_map)
     found = find_cases(args.input, args.series, messages)
     check_formats(found, args.format)
@@ -330,6 +336,7 @@ def run(args: argparse.Namespace, messages: Messages) -> str:
         roi=args.roi,
         sw_batch_size=args.sw_batch_size,
         largest_component=args.largest_component,
+        grid_shifts=args.grid_shifts,
         progress=sys.stderr.isatty(),
         warn=messages.warn,
     )

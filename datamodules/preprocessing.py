@@ -77,11 +77,15 @@ class Preprocessing:
         low = self.window_level - self.window_width / 2
         return ((hu.float() - low) / self.window_width).clamp_(0.0, 1.0)
 
-    def prepare(self, subject: tio.Subject, spacing: float, thin_values: Sequence[int] = ()) -> tio.Subject:
+    def prepare(
+        self, subject: tio.Subject, spacing: float, thin_values: Sequence[int] = (), shift: Sequence[float] = (0, 0, 0)
+    ) -> tio.Subject:
         """Reorient to RAS, resample to ``spacing`` (image trilinear, antialiased if set; labels nearest,
-        widened by ``thin_occupancy`` for ``thin_values``), window."""
+        widened by ``thin_occupancy`` for ``thin_values``), window. ``shift`` moves the grid by that
+        fraction of a voxel along each axis (:func:`shifted_grid`)."""
         canonical = tio.ToCanonical()(subject)
-        prepared = tio.Resample(spacing, antialias=self.antialias)(canonical)
+        target = shifted_grid(canonical.get_first_image(), spacing, shift) if any(shift) else spacing
+        prepared = tio.Resample(target, antialias=self.antialias)(canonical)
         if self.thin_occupancy and thin_values and "label" in prepared:
             self._widen_thin_labels(canonical["label"], prepared["label"], thin_values)
         for image in prepared.get_images(intensity_only=True):
@@ -106,3 +110,31 @@ class Preprocessing:
         """Resample a prepared-grid map (C, D, H, W) back onto the original image's grid (linear)."""
         image = tio.ScalarImage(tensor=prediction.float(), affine=prepared_affine)
         return tio.Resample(original, image_interpolation="linear")(image).data
+
+
+def shifted_grid(image: tio.Image, spacing: float, shift: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of TorchIO's ``spacing`` grid for ``image`` (as many whole voxels as fit, centred
+    on the image), moved by ``shift`` voxels along its axes."""
+    old_spacing = np.asarray(image.spacing, dtype=float)
+    size = np.asarray(image.spatial_shape)
+    shape = np.maximum(np.floor(size * old_spacing / spacing), 1).astype(int)
+    direction = image.affine[:3, :3] / old_spacing
+    centre = image.affine[:3, :3] @ ((size - 1) / 2) + image.affine[:3, 3]
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    affine[:3, 3] = centre + affine[:3, :3] @ (np.asarray(shift, dtype=float) - (shape - 1) / 2)
+    return tuple(int(n) for n in shape), affine
+
+
+def grid_offsets(count: int) -> list[tuple[float, float, float]]:
+    """``count`` (1, 2, 4 or 8) grid shifts spread over one voxel: the corners of a cube a half voxel
+    wide around the unshifted grid (all 8, the two of one diagonal, or the 4 of a tetrahedron)."""
+    corners = {
+        1: [(0, 0, 0)],
+        2: [(-1, -1, -1), (1, 1, 1)],
+        4: [(1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)],
+        8: [(i, j, k) for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)],
+    }
+    if count not in corners:
+        raise ValueError(f"--grid-shifts must be 1, 2, 4 or 8, got {count}")
+    return [tuple(c / 4 for c in corner) for corner in corners[count]]

@@ -21,7 +21,7 @@ from datamodules.multitask import (
     TrainingPatches,
     task_probabilities,
 )
-from datamodules.preprocessing import Preprocessing
+from datamodules.preprocessing import Preprocessing, grid_offsets, shifted_grid
 from datamodules.registry import load_registry
 from datamodules.volumes import BadCaseError, VolumeCache, read_image
 
@@ -178,6 +178,40 @@ def test_antialias_averages_the_fine_voxels_and_leaves_labels_alone():
     stored = Preprocessing(spacing_candidates=(2.0,)).as_dict()
     del stored["antialias"]
     assert Preprocessing(**stored) == Preprocessing(spacing_candidates=(2.0,))
+
+
+def test_shifted_grids_are_torchios_grid_moved_by_the_given_fraction_of_a_voxel():
+    # A ramp of 10 HU per mm along R and 1 HU per mm along A on a flipped 0.8 / 0.9 / 1.3 mm grid. Unshifted,
+    # the grid is TorchIO's own; shifted by (0.5, -0.25, 0) voxels of 2 mm it samples the ramp 1 mm further
+    # right and 0.5 mm further posterior: 10 - 0.5 = 9.5 HU more wherever both grids interpolate inside.
+    affine = np.diag([-0.8, 0.9, 1.3, 1.0])
+    affine[:3, 3] = (12.0, -20.0, 3.0)
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in (40, 44, 30)), indexing="ij"), -1)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    image = tio.ScalarImage(tensor=torch.from_numpy(10.0 * world[..., 0] + world[..., 1])[None].float(), affine=affine)
+    canonical = tio.ToCanonical()(image)
+    shape, grid = shifted_grid(canonical, 2.0, (0.0, 0.0, 0.0))
+    resampled = tio.Resample(2.0)(canonical)
+    assert shape == resampled.spatial_shape == (16, 19, 19) and np.allclose(grid, resampled.affine)
+    preprocessing = Preprocessing(spacing_candidates=(2.0,))
+    prepared = {
+        shift: preprocessing.prepare(tio.Subject(image=image), 2.0, shift=shift)["image"]
+        for shift in [(0.0, 0.0, 0.0), (0.5, -0.25, 0.0)]
+    }
+    unshifted, shifted = (p.data[0, 1:-1, 1:-1, 1:-1] * 1800.0 for p in prepared.values())
+    assert torch.allclose(shifted - unshifted, torch.tensor(9.5), atol=0.05)
+    moved = prepared[(0.5, -0.25, 0.0)].affine[:3, 3] - prepared[(0.0, 0.0, 0.0)].affine[:3, 3]
+    assert np.allclose(moved, (1.0, -0.5, 0.0))
+
+
+def test_grid_offsets_spread_over_a_voxel_around_the_unshifted_grid():
+    for count in (1, 2, 4, 8):
+        offsets = np.array(grid_offsets(count))
+        assert offsets.shape == (count, 3) and len({tuple(o) for o in offsets}) == count
+        assert np.allclose(offsets.mean(0), 0.0)  # centred on the unshifted grid
+        assert count == 1 or np.allclose(np.abs(offsets), 0.25)  # a half voxel apart along each axis
+    with pytest.raises(ValueError, match="--grid-shifts must be 1, 2, 4 or 8, got 3"):
+        grid_offsets(3)
 
 
 def test_thin_occupancy_labels_the_background_voxels_a_thin_structure_partly_fills():

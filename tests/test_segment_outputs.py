@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torchio as tio
 
 import segment
 from datamodules.volumes import BadCaseError
@@ -52,6 +53,43 @@ def test_probabilities_thresholded_at_one_half_are_the_masks(checkpoint, tmp_pat
         assert np.array_equal(values.astype(np.float16).astype(values.dtype), values)  # float16 values
         assert 0 <= values.min() and values.max() <= 1 and 0 < (values > 0.5).sum() < values.size
         assert np.array_equal(values > 0.5, np.asarray(mask.dataobj).astype(bool))
+
+
+# --- shifted grids --------------------------------------------------------------------------------
+
+
+def rod_image(start: int) -> tuple[tio.ScalarImage, np.ndarray]:
+    """A 1 mm image of soft tissue with a 5 x 5 mm bone rod (700 HU) along z, ``start`` mm into a 4 mm voxel."""
+    hu = np.full((48, 48, 24), 40.0, np.float32)
+    hu[:2], hu[:, :2] = -1000.0, -1000.0  # some air, as in CT
+    hu[20 + start : 25 + start, 20:25, :] = 700.0
+    return tio.ScalarImage(tensor=torch.from_numpy(hu)[None], affine=np.eye(4)), hu > 300.0
+
+
+@pytest.mark.parametrize("start", range(4))
+def test_shifted_grids_place_edges_between_the_coarse_voxel_centres(checkpoint, threshold_network, start):
+    # "liver" marks > 300 HU; the checkpoint predicts on a 4 mm grid. A 5 mm rod covers one or two 4 mm
+    # voxel centres per axis depending on where it lies, so one grid's mask is too thin or too wide; the mean
+    # of eight grids a half voxel apart follows the rod's edges more closely wherever it lies.
+    image, rod = rod_image(start)
+
+    def dice(grid_shifts: int) -> float:
+        mask = Segmenter(checkpoint, "cpu", overlap=0.25, grid_shifts=grid_shifts).predict_arrays(image, ["liver"])[0][
+            0
+        ]
+        return 2 * (mask & rod).sum() / (mask.sum() + rod.sum())
+
+    one, eight = dice(1), dice(8)
+    assert eight > one + 0.05 and eight > 0.85, (one, eight)
+
+
+def test_grid_shifts_must_be_one_two_four_or_eight(checkpoint, tmp_path, capfd):
+    image = write_nifti(tmp_path / "ct.nii.gz", ct_volume())
+    assert segment.main(segment_args(checkpoint, image, tmp_path / "out", "--grid-shifts", "3")) == 2
+    assert "--grid-shifts must be 1, 2, 4 or 8, got 3" in one_error(capfd.readouterr())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--grid-shifts"):
+        Segmenter(checkpoint, "cpu", grid_shifts=0)
 
 
 # --- statistics ----------------------------------------------------------------------------------
