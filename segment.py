@@ -7,6 +7,8 @@ a folder of such cases. Output: ``DIR/CASE/PROMPT-SLUG.nii.gz`` (uint8 0/1) on e
 grid; CASE drops an nnU-Net ``_0000`` channel suffix. ``--format dicom-seg`` writes
 ``DIR/CASE/segmentation.dcm`` (DICOM input only), ``--save-probabilities`` ``PROMPT-SLUG.prob.nii.gz``,
 ``--statistics`` ``statistics.csv`` per case and ``DIR/statistics.csv`` for a folder of cases.
+Each mask thresholds the mean probability of ``--grid-shifts`` (default 8) predictions on grids shifted
+by half a voxel from one another, brought back onto the input's grid.
 Prompts, inputs and the output folder are all checked before inference; the files of a case are
 written under temporary names and renamed together once all are written, so a failed or interrupted
 run leaves no partial case. The work is done by :class:`inference.api.Segmenter`.
