@@ -74,9 +74,8 @@ def test_shifted_grids_place_edges_between_the_coarse_voxel_centres(checkpoint, 
     image, rod = rod_image(start)
 
     def dice(grid_shifts: int) -> float:
-        mask = Segmenter(checkpoint, "cpu", overlap=0.25, grid_shifts=grid_shifts).predict_arrays(image, ["liver"])[0][
-            0
-        ]
+        segmenter = Segmenter(checkpoint, "cpu", overlap=0.25, grid_shifts=grid_shifts)
+        mask = segmenter.predict_arrays(image, ["liver"])[0][0]
         return 2 * (mask & rod).sum() / (mask.sum() + rod.sum())
 
     one, eight = dice(1), dice(8)
