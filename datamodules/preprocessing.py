@@ -32,7 +32,7 @@ class Preprocessing:
             (TorchIO's ``antialias``), so a coarser voxel holds the average of the finer ones beneath it,
             as a scan reconstructed at that spacing would, instead of a point sample of them: noise
             falls and thin vessels break into fewer pieces, but edges blur against the labels, which
-            are resampled nearest either way (README, twenty-fifth session: not in the shipped configs).
+            are resampled nearest either way (docs/experiments.md, twenty-fifth session: not in the shipped configs).
         thin_occupancy: 0 resamples every label nearest. Above 0, a background voxel of the coarser grid
             also takes a thin structure's label (the label values ``prepare`` is given: the data's
             tubular tasks) where that structure fills at least this share of it, measured as its
@@ -40,7 +40,7 @@ class Preprocessing:
             aorta's rim, stay as nearest sampling made them. Nearest sampling keeps a vessel one or
             two voxels wide only where a voxel's centre falls inside it; a 2.6 mm vessel on a 2 mm
             grid then scores at most 0.64 Dice against its full-resolution mask, at most 0.72 with
-            0.2 here (README, twenty-sixth session).
+            0.2 here (docs/experiments.md, twenty-sixth session).
     """
 
     spacing_candidates: tuple[float, ...] = (0.6, 1.0, 1.5)

@@ -144,7 +144,7 @@ class Segmenter:
         largest_component: keep each mask's largest connected component.
         grid_shifts: predict on 1, 2, 4 or 8 grids shifted by half a voxel from one another and average the
             probabilities back on the input's grid, so edges and thin vessels are placed between a coarse
-            grid's voxel centres (README, twenty-eighth session); each grid costs one full prediction.
+            grid's voxel centres (docs/experiments.md, twenty-eighth session); each grid costs one full prediction.
         progress: a progress bar over the window batches (on stderr).
         warn: called with each warning line; default :class:`SegmentationWarning` via ``warnings``.
     """

@@ -3,7 +3,7 @@
 On CPUs with native bfloat16 (AVX512-BF16), oneDNN 3.12 (PyTorch 2.14) computes the bfloat16 weight
 gradient of a 3x3x3 convolution with padding 1 wrongly when a side of its input is 2 voxels
 (``jit_bf16:avx512_core_bf16`` backward weights): relative errors from 1 to infinity, while its forward
-and its input gradient are right, and sides of 1, 3 and 4 are right (README, "Fifteenth session").
+and its input gradient are right, and sides of 1, 3 and 4 are right (docs/experiments.md, "Fifteenth session").
 Both networks pad their input to sides that are multiples of 32 and at least 64, so a side of 2 occurs
 at 1/32 of a 64-voxel side: in the decoder's bottleneck and in the reference U-Net's second bottleneck
 convolution (a 2 x 4 x 4 map fails as well). The rule sits at the convolution, where the fault lies,

@@ -75,7 +75,7 @@ class PromptSegNet(nn.Module):
             one-hot of M per level) together, so each sub-pathway on a route adds its own term to the
             read-out of that route's features; without it, two look-alike prompts on different
             routes ("liver", "liver tumor") can get only nearly the same read-out. At 1080 phantom
-            steps it did not stop the liver tumour's read-out from collapsing (README, Sixth session).
+            steps it did not stop the liver tumour's read-out from collapsing (docs/experiments.md, Sixth session).
         channels_last: keep the convolution weights in channels-last 3D memory format, so every
             convolution runs (and returns) channels-last: the same network and values, but
             oneDNN's CPU kernels for the few-channel full-resolution levels run several times faster

@@ -50,7 +50,8 @@ def route_weights(logits: torch.Tensor, training: bool, temperature: float, nois
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]`` along the first dimension. With a gradient, the backward adds each source row's
     gradients slice by slice instead of ``x[index]``'s accumulating ``index_put_``, which took 11 % of
-    the quickstart's CPU step: 1.07-1.09x a step (``benchmarks/take_rows.py``; README, fifteenth session)."""
+    the quickstart's CPU step: 1.07-1.09x a step (``benchmarks/take_rows.py``; docs/experiments.md,
+    fifteenth session)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return x[index]
     return _TakeRows.apply(x, index)
