@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install, write the small phantoms, train both phases, export a
 # trimmed model, segment held-out phantoms with it and evaluate them. About 11 minutes on 2 CPU cores
 # with native bfloat16 (AVX512-BF16) plus about 3 for the install; on 2 AVX2-only cores, in 32-bit,
-# an estimated 40-45 (35 measured at 360 steps before the eleventh session; README, Quickstart).
+# an estimated 40-45 (35 measured at 360 steps before the eleventh session; docs/experiments.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install --disable-pip-version-check -q -r requirements.txt
@@ -14,7 +14,7 @@ precision=$(python -c "import train; print('bf16-mixed' if train.cpu_has_native_
 echo "quickstart: training in $precision on this CPU"
 python train.py fit --config configs/quickstart.yaml --trainer.precision "$precision"
 # Segmentation averages 4 shifted grids, half the cost of segment.py's default 8, to keep the whole job
-# within 15 minutes (docs/experiments.md, "Segmenting a new CT"; docs/experiments.md, twenty-eighth session).
+# within 15 minutes (README, "Segmenting a new CT"; docs/experiments.md, twenty-eighth session).
 for dataset in Dataset001_PhantomAbdomen Dataset002_PhantomThorax Dataset003_PhantomLesions; do
   prompts=$(python -c "import sys; from datamodules.registry import load_registry as r; print('\n'.join(t.prompt for e in r('configs/data/phantoms_test.yaml') if e.path.name == sys.argv[1] for t in e.tasks))" "$dataset")
   args=()
