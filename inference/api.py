@@ -200,7 +200,9 @@ class Segmenter:
 
     def predict_arrays(self, image: tio.ScalarImage, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(masks (P, ...) bool, probabilities (P, ...) float16) on ``image``'s grid (see :func:`binarize`):
-        the mean of the probabilities predicted on each shifted grid, resampled back."""
+        the mean of the probabilities predicted on each shifted grid, resampled back. Each prompt's map is
+        resampled and summed on its own, so at most one input-grid float32 array exists beside the sum:
+        about 7 bytes per input voxel and prompt at the peak (sum, float16 copy, mask)."""
         embeddings = self.embeddings(prompts)
         preprocessing = Preprocessing(**self.model.preprocessing)
         spacing = preprocessing.closest_spacing(tuple(float(s) for s in image.spacing))
@@ -208,8 +210,9 @@ class Segmenter:
         mean = torch.zeros(len(prompts), *image.spatial_shape)
         for shift in shifts:
             prepared = preprocessing.prepare(tio.Subject(image=image), spacing, shift=shift)["image"]
-            mean += Preprocessing.restore(self._predict_prepared(prepared, embeddings), prepared.affine, image)
-        rounded, masks = binarize(mean / len(shifts))
+            for total, probability in zip(mean, self._predict_prepared(prepared, embeddings)):
+                total += Preprocessing.restore(probability[None], prepared.affine, image)[0]
+        rounded, masks = binarize(mean.div_(len(shifts)))
         if self.largest_component:
             masks = np.stack([largest_component(m) for m in masks])
         return masks, rounded

@@ -15,6 +15,7 @@ import torch
 import torchio as tio
 
 import segment
+from datamodules.preprocessing import Preprocessing
 from datamodules.volumes import BadCaseError
 from inference.api import Segmenter, binarize
 from inference.statistics import COLUMNS, mask_statistics
@@ -80,6 +81,17 @@ def test_shifted_grids_place_edges_between_the_coarse_voxel_centres(checkpoint, 
 
     one, eight = dice(1), dice(8)
     assert eight > one + 0.05 and eight > 0.85, (one, eight)
+
+
+def test_restoring_each_prompt_alone_equals_restoring_them_together():
+    # predict_arrays resamples one prompt's map at a time to bound its memory: the result must not change
+    original = tio.ScalarImage(tensor=torch.zeros(1, 21, 17, 13), affine=np.diag([1.0, 1.5, 2.0, 1.0]))
+    coarse, affine = torch.rand(3, 8, 7, 6, generator=torch.Generator().manual_seed(0)), np.eye(4)
+    affine[:3, :3], affine[:3, 3] = np.diag([3.0, 3.0, 4.0]), [0.4, -0.6, 0.3]
+    together = Preprocessing.restore(coarse, affine, original)
+    alone = torch.cat([Preprocessing.restore(channel[None], affine, original) for channel in coarse])
+    assert together.shape == (3, 21, 17, 13) and together.std() > 0.1
+    assert torch.equal(together, alone)
 
 
 def test_grid_shifts_must_be_one_two_four_or_eight(checkpoint, tmp_path, capfd):
