@@ -201,8 +201,8 @@ class Segmenter:
     def predict_arrays(self, image: tio.ScalarImage, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(masks (P, ...) bool, probabilities (P, ...) float16) on ``image``'s grid (see :func:`binarize`):
         the mean of the probabilities predicted on each shifted grid, resampled back. Each prompt's map is
-        resampled and summed on its own, so at most one input-grid float32 array exists beside the sum:
-        about 7 bytes per input voxel and prompt at the peak (sum, float16 copy, mask)."""
+        resampled and summed on its own, so at most one input-grid float32 array exists beside the sum: the
+        input-sized arrays peak at about 7 bytes per voxel and prompt (sum, float16 copy, mask)."""
         embeddings = self.embeddings(prompts)
         preprocessing = Preprocessing(**self.model.preprocessing)
         spacing = preprocessing.closest_spacing(tuple(float(s) for s in image.spacing))
