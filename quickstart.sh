@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install, write the small phantoms, train both phases, export a
 # trimmed model, segment held-out phantoms with it and evaluate them. About 11 minutes on 2 CPU cores
 # with native bfloat16 (AVX512-BF16) plus about 3 for the install; on 2 AVX2-only cores, in 32-bit,
-# an estimated 40-45 (35 measured at 360 steps before the eleventh session; docs/experiments.md).
+# 27 min plus the install (measured 2026-12-07; docs/experiments.md, thirty-third session).
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install --disable-pip-version-check -q -r requirements.txt
